@@ -1,0 +1,233 @@
+/* ct_abi.h - the ABI shared by the BPF programs and the Python daemon.
+ *
+ * This header is the single source of truth for every struct and constant
+ * that crosses the kernel/user boundary. streamer/abi.py mirrors it, and
+ * tests/bpf/test_abi.py compiles static assertions generated from the Python
+ * side against this file, so a change here that Python does not follow fails
+ * the tests. Rules: fields are never reordered, padding is explicit, and a
+ * change of layout bumps CT_ABI_VERSION.
+ */
+#ifndef CT_ABI_H
+#define CT_ABI_H
+
+#define CT_ABI_VERSION 1
+
+/* Event types (struct ct_event.type). */
+#define CT_EV_CREATE  1
+#define CT_EV_UPDATE  2
+#define CT_EV_DESTROY 3
+
+/* Direction of a packet relative to the connection's first packet. */
+#define CT_DIR_ORIG  0
+#define CT_DIR_REPLY 1
+
+/* TCP states of the relaxed state machine; non-TCP entries stay CT_S_NONE. */
+#define CT_S_NONE        0
+#define CT_S_SYN_SENT    1
+#define CT_S_SYN_RECV    2
+#define CT_S_ESTABLISHED 3
+#define CT_S_FIN_WAIT    4
+#define CT_S_CLOSE_WAIT  5
+#define CT_S_LAST_ACK    6
+#define CT_S_TIME_WAIT   7
+#define CT_S_CLOSE       8
+
+/* Entry flags (byte 1 of ct_entry.status, struct ct_event.flags). */
+#define CT_F_ASSURED    0x01 /* traffic seen both ways (TCP: handshake done) */
+#define CT_F_SEEN_REPLY 0x02
+#define CT_F_FIN_REPLY  0x04 /* the first FIN came from the reply side */
+#define CT_F_PICKUP     0x08 /* picked up mid-stream, no SYN seen */
+
+/* Why a connection ended (struct ct_event.end_reason). */
+#define CT_END_NONE   0
+#define CT_END_IDLE   1 /* idle timeout */
+#define CT_END_FIN    2 /* closed by FIN */
+#define CT_END_RST    3 /* reset */
+#define CT_END_REUSE  4 /* tuple reused by a new SYN after close */
+
+/* TCP flag bits as they stand in the TCP header's flags byte. */
+#define CT_TCP_FIN 0x01
+#define CT_TCP_SYN 0x02
+#define CT_TCP_RST 0x04
+#define CT_TCP_PSH 0x08
+#define CT_TCP_ACK 0x10
+
+/* Timeout classes, indices into ct_config.timeout_ns. */
+#define CT_TO_SYN   0
+#define CT_TO_EST   1
+#define CT_TO_FIN   2
+#define CT_TO_UDP   3
+#define CT_TO_ICMP  4
+#define CT_TO_OTHER 5
+#define CT_TO__MAX  8
+
+/* Per-CPU counters, indices into the ct_stats map. */
+#define CT_STAT_PACKETS         0  /* frames seen by the datapath */
+#define CT_STAT_INVALID         1  /* malformed: truncated, bad lengths */
+#define CT_STAT_RING_FULL       2  /* an event could not be reserved */
+#define CT_STAT_TABLE_FULL      3  /* a new connection found the table full */
+#define CT_STAT_CREATED         4
+#define CT_STAT_DESTROYED       5
+#define CT_STAT_FRAGMENTS       6  /* non-first fragments (counted, not tracked) */
+#define CT_STAT_UNTRACKED_PKTS  7  /* IP packets not attributed to an entry */
+#define CT_STAT_UNTRACKED_BYTES 8
+#define CT_STAT_NOT_IP          9
+#define CT_STAT_EVENTS          10 /* events written to the ring */
+#define CT_STAT_WHEEL_FULL      11 /* an expiry could not be indexed */
+#define CT_STAT_RESCHEDULED     12 /* sweeper: entry refreshed, moved on */
+#define CT_STAT_SWEPT           13 /* sweeper: index records examined */
+#define CT_STAT_OTHER_L4        14 /* IP but not TCP/UDP/ICMP echo */
+#define CT_STAT__MAX            16
+
+/* Sentinel in ct_entry.last_ns: the sweeper has claimed the entry. */
+#define CT_DEAD 0xffffffffffffffffULL
+
+/* Expiry index granularity: one slot is 2^30 ns (about 1.07 s). */
+#define CT_SLOT_SHIFT 30
+
+/* IPv4 connection key, original direction. 16 bytes. */
+struct ct_key4 {
+	__u32 saddr;  /* network byte order */
+	__u32 daddr;
+	__u16 sport;  /* network byte order; ICMP: echo id */
+	__u16 dport;
+	__u8  proto;
+	__u8  _pad0;
+	__u16 vlan;   /* 802.1Q VLAN id of the outer tag, 0 if untagged */
+};
+
+/* IPv6 connection key, original direction. 40 bytes. */
+struct ct_key6 {
+	__u8  saddr[16];
+	__u8  daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  _pad0;
+	__u16 vlan;
+};
+
+/* A table entry. 72 bytes; the same for both families.
+ *
+ * Words that more than one CPU may change at once (last_ns, status, seq,
+ * sched_slot, evstate) are only changed with atomic instructions; counters
+ * with atomic adds. last_ns doubles as the entry's life: the sweeper claims
+ * an expired entry by compare-and-swapping the last_ns it examined to
+ * CT_DEAD, so a packet that refreshed the entry in between makes the claim
+ * fail and the entry lives on.
+ */
+struct ct_entry {
+	__u64 ct_id;
+	__u64 first_ns;    /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u64 last_ns;
+	__u64 pkts[2];     /* [CT_DIR_ORIG], [CT_DIR_REPLY]; L3 packets */
+	__u64 bytes[2];    /* L3 bytes: IP header and payload */
+	__u32 status;      /* state | flags << 8 | tcpfl_orig << 16 | tcpfl_reply << 24 */
+	__u32 seq;         /* next event sequence number */
+	__u32 sched_slot;  /* expiry index slot that currently holds this entry */
+	__u32 evstate;     /* low 16 bits: slot of the last periodic UPDATE */
+};
+
+/* The event written to the ring. 120 bytes. */
+struct ct_event {
+	__u8  type;        /* CT_EV_* */
+	__u8  version;     /* CT_ABI_VERSION */
+	__u16 len;         /* sizeof(struct ct_event) */
+	__u8  family;      /* 4 or 6 */
+	__u8  proto;       /* IPPROTO_* */
+	__u8  state;       /* CT_S_* */
+	__u8  flags;       /* CT_F_* */
+	__u64 ct_id;
+	__u32 seq;
+	__u8  end_reason;  /* CT_END_*, DESTROY only */
+	__u8  missed;      /* bit mask of event types that were missed before */
+	__u8  tcp_flags_orig;
+	__u8  tcp_flags_reply;
+	__u64 ts_ns;       /* when the event was made, CLOCK_MONOTONIC */
+	__u64 first_ns;
+	__u64 last_ns;
+	__u64 pkts_orig;
+	__u64 pkts_reply;
+	__u64 bytes_orig;
+	__u64 bytes_reply;
+	__u8  saddr[16];   /* IPv4: first 4 bytes, rest zero */
+	__u8  daddr[16];
+	__u16 sport;       /* network byte order */
+	__u16 dport;
+	__u16 vlan;
+	__u16 _pad0;
+};
+
+/* Run-time configuration, one element in the ct_config array map. The daemon
+ * writes it; the datapath reads it on every packet. 104 bytes. */
+struct ct_config {
+	__u64 timeout_ns[CT_TO__MAX];
+	__u64 report_interval_ns;  /* periodic UPDATE of long flows; 0 = off */
+	__u32 table_limit;         /* live entries of both families together */
+	__u32 flags;               /* CT_CFG_* */
+	__u64 _reserved[3];        /* room for later settings without an ABI bump */
+};
+
+#define CT_CFG_DROP_UNTRACKED 0x1  /* drop, rather than pass, when the table is full */
+
+/* Global state, one element in the ct_global array map. 32 bytes. */
+struct ct_global {
+	__u64 next_ct_id;          /* seeded by the daemon with wall-clock ns */
+	__u64 entries;             /* live entries of both families */
+	__u32 cursor[2];           /* sweeper: next slot to process, [0]=v4 [1]=v6 */
+	__u64 _reserved;
+};
+
+/* Expiry index ("timing wheel"). Entries are filed under the slot in which
+ * they are due to expire, in chunks of keys; a slot's record counts how many
+ * positions were handed out and how many the sweeper has consumed. */
+#define CT_WHEEL4_PER_CHUNK 16
+#define CT_WHEEL6_PER_CHUNK 8
+
+struct ct_wheel_slot_key {
+	__u32 slot;
+	__u32 family;
+};
+
+struct ct_wheel_slot {
+	__u32 n;     /* positions handed out (atomic) */
+	__u32 done;  /* positions consumed by the sweeper */
+};
+
+struct ct_wheel_key {  /* one chunk map per family, so no family here */
+	__u32 slot;
+	__u32 chunk;
+};
+
+struct ct_wheel_chunk4 {
+	__u32 filled;  /* bit i: keys[i] is written (atomic OR) */
+	__u32 _pad0;
+	struct ct_key4 keys[CT_WHEEL4_PER_CHUNK];
+};
+
+struct ct_wheel_chunk6 {
+	__u32 filled;
+	__u32 _pad0;
+	struct ct_key6 keys[CT_WHEEL6_PER_CHUNK];
+};
+
+/* Sweeper input: the packet handed to BPF_PROG_TEST_RUN. */
+struct ct_sweep_req {
+	__u8  family;   /* in: 4 or 6 */
+	__u8  _pad0[3];
+	__u32 budget;   /* in: index records to examine per run, at most CT_SWEEP_BATCH */
+	__u32 pending;  /* out: slots due but not yet done after this run */
+	__u32 _pad1;    /* an XDP test packet must hold at least an Ethernet header */
+};
+
+_Static_assert(sizeof(struct ct_key4) == 16, "ct_key4 size");
+_Static_assert(sizeof(struct ct_key6) == 40, "ct_key6 size");
+_Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
+_Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
+_Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
+_Static_assert(sizeof(struct ct_global) == 32, "ct_global size");
+_Static_assert(sizeof(struct ct_wheel_chunk4) == 264, "ct_wheel_chunk4 size");
+_Static_assert(sizeof(struct ct_wheel_chunk6) == 328, "ct_wheel_chunk6 size");
+_Static_assert(sizeof(struct ct_sweep_req) == 16, "ct_sweep_req size");
+
+#endif /* CT_ABI_H */

@@ -1,0 +1,94 @@
+/* ct_maps.h - every map of the datapath, pinned in bpffs.
+ *
+ * Sizes arrive as -D flags that streamer/loader.py builds from validated
+ * integers; nothing else of the configuration becomes C text. Because every
+ * map is pinned, a program loaded again (a restarted daemon, `ctstream list`)
+ * opens the maps already there instead of making new ones.
+ */
+#ifndef CT_MAPS_H
+#define CT_MAPS_H
+
+#ifndef CT_PIN_DIR
+#error "CT_PIN_DIR must be defined (bpffs directory for the pinned maps)"
+#endif
+#ifndef CT_MAX4
+#define CT_MAX4 65536
+#endif
+#ifndef CT_MAX6
+#define CT_MAX6 65536
+#endif
+#ifndef CT_RING_BYTES
+#define CT_RING_BYTES (1 << 20)
+#endif
+#ifndef CT_SWEEP_BATCH
+#define CT_SWEEP_BATCH 64
+#endif
+
+#define CT_PIN(name) CT_PIN_DIR "/" name
+
+/* Index capacity: at most two live records per entry (its due slot and one
+ * left behind when a timeout was shortened), in chunks, plus one partly
+ * filled chunk per slot in use. */
+#define CT_WHEEL4_MAX (CT_MAX4 / (CT_WHEEL4_PER_CHUNK / 2) + 16384)
+#define CT_WHEEL6_MAX (CT_MAX6 / (CT_WHEEL6_PER_CHUNK / 2) + 16384)
+#define CT_WHEEL_SLOTS_MAX 65536
+
+/* The connection tables: plain hash maps, never LRU, so that fresh
+ * connections cannot evict established ones. No preallocation: memory follows
+ * the number of live entries rather than the limit. */
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_entry, ct4, CT_MAX4, CT_PIN("ct4"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_entry, ct6, CT_MAX6, CT_PIN("ct6"), BPF_F_NO_PREALLOC);
+
+/* The expiry index. */
+BPF_TABLE_PINNED("hash", struct ct_wheel_slot_key, struct ct_wheel_slot, ct_wslots, CT_WHEEL_SLOTS_MAX, CT_PIN("ct_wslots"));
+BPF_TABLE_PINNED("hash", struct ct_wheel_key, struct ct_wheel_chunk4, ct_wheel4, CT_WHEEL4_MAX, CT_PIN("ct_wheel4"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ct_wheel_key, struct ct_wheel_chunk6, ct_wheel6, CT_WHEEL6_MAX, CT_PIN("ct_wheel6"), BPF_F_NO_PREALLOC);
+
+BPF_TABLE_PINNED("array", u32, struct ct_config, ct_config, 1, CT_PIN("ct_config"));
+BPF_TABLE_PINNED("array", u32, struct ct_global, ct_global, 1, CT_PIN("ct_global"));
+BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT__MAX, CT_PIN("ct_stats"));
+
+/* Never written: the zeroed value a new index chunk starts from (too large
+ * for the BPF stack next to everything else). */
+BPF_ARRAY(ct_zero, struct ct_wheel_chunk6, 1);
+
+/* The event ring. BCC's BPF_RINGBUF_OUTPUT cannot be pinned, so this spells
+ * out the same table type with a pinned section. */
+struct ct_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u64 (*ringbuf_query)(u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" CT_PIN("ct_events"))))
+struct ct_events_table_t ct_events = { .max_entries = CT_RING_BYTES };
+
+static __always_inline void ct_stat_add(u32 idx, u64 n)
+{
+	u64 *v = ct_stats.lookup(&idx);
+	if (v)
+		*v += n;
+}
+
+static __always_inline void ct_stat_inc(u32 idx)
+{
+	ct_stat_add(idx, 1);
+}
+
+static __always_inline struct ct_config *ct_cfg(void)
+{
+	u32 zero = 0;
+	return ct_config.lookup(&zero);
+}
+
+static __always_inline struct ct_global *ct_glob(void)
+{
+	u32 zero = 0;
+	return ct_global.lookup(&zero);
+}
+
+#endif /* CT_MAPS_H */
