@@ -109,12 +109,13 @@ struct ct_key6 {
 
 /* A table entry. 72 bytes; the same for both families.
  *
- * Words that more than one CPU may change at once (last_ns, status, seq,
- * sched_slot, evstate) are only changed with atomic instructions; counters
- * with atomic adds. last_ns doubles as the entry's life: the sweeper claims
- * an expired entry by compare-and-swapping the last_ns it examined to
- * CT_DEAD, so a packet that refreshed the entry in between makes the claim
- * fail and the entry lives on.
+ * Words that more than one CPU may change at once are 64 bits wide and only
+ * changed with atomic instructions (BCC's LLVM has no 32-bit atomics), so
+ * small fields share a word: status with seq, the index slot with the report
+ * slot. last_ns doubles as the entry's life: the sweeper claims an expired
+ * entry by compare-and-swapping the last_ns it examined to CT_DEAD, so a
+ * packet that refreshed the entry in between makes the claim fail and the
+ * entry lives on.
  */
 struct ct_entry {
 	__u64 ct_id;
@@ -122,10 +123,10 @@ struct ct_entry {
 	__u64 last_ns;
 	__u64 pkts[2];     /* [CT_DIR_ORIG], [CT_DIR_REPLY]; L3 packets */
 	__u64 bytes[2];    /* L3 bytes: IP header and payload */
-	__u32 status;      /* state | flags << 8 | tcpfl_orig << 16 | tcpfl_reply << 24 */
-	__u32 seq;         /* next event sequence number */
-	__u32 sched_slot;  /* expiry index slot that currently holds this entry */
-	__u32 evstate;     /* low 16 bits: slot of the last periodic UPDATE */
+	__u64 status_seq;  /* low 32: state | flags << 8 | tcpfl_orig << 16 | tcpfl_reply << 24;
+			    * high 32: next event sequence number */
+	__u64 sched;       /* low 32: index slot that holds the entry;
+			    * high 32: slot of the last periodic UPDATE */
 };
 
 /* The event written to the ring. 120 bytes. */
@@ -190,8 +191,8 @@ struct ct_wheel_slot_key {
 };
 
 struct ct_wheel_slot {
-	__u32 n;     /* positions handed out (atomic) */
-	__u32 done;  /* positions consumed by the sweeper */
+	__u64 n;     /* positions handed out (atomic) */
+	__u64 done;  /* positions consumed by the sweeper */
 };
 
 struct ct_wheel_key {  /* one chunk map per family, so no family here */
@@ -200,14 +201,12 @@ struct ct_wheel_key {  /* one chunk map per family, so no family here */
 };
 
 struct ct_wheel_chunk4 {
-	__u32 filled;  /* bit i: keys[i] is written (atomic OR) */
-	__u32 _pad0;
+	__u64 filled;  /* bit i: keys[i] is written (atomic OR) */
 	struct ct_key4 keys[CT_WHEEL4_PER_CHUNK];
 };
 
 struct ct_wheel_chunk6 {
-	__u32 filled;
-	__u32 _pad0;
+	__u64 filled;
 	struct ct_key6 keys[CT_WHEEL6_PER_CHUNK];
 };
 

@@ -1,0 +1,302 @@
+/* ct_logic.h - connection tracking for one packet.
+ *
+ * A packet either refreshes the entry of its connection (found under its own
+ * tuple: original direction, or under the reversed tuple: reply direction)
+ * or creates one. A packet is never held back: the verdict is PASS unless
+ * the configuration asks to drop what cannot be tracked.
+ */
+#ifndef CT_LOGIC_H
+#define CT_LOGIC_H
+
+#define CT_VERDICT_PASS 0
+#define CT_VERDICT_DROP 1
+
+#define CT_ST_STATE(s) ((s) & 0xff)
+#define CT_ST_FLAGS(s) (((s) >> 8) & 0xff)
+#define CT_ST_MAKE(state, flags, tfo, tfr) \
+	((u32)(state) | ((u32)(flags) << 8) | ((u32)(tfo) << 16) | ((u32)(tfr) << 24))
+
+/* The relaxed TCP state machine, in the spirit of nf_conntrack's: it follows
+ * the flags, not the sequence numbers. Pure function of the status word, so
+ * the caller can apply it with one compare-and-swap. */
+static __always_inline u32 ct_tcp_next(u32 status, int dir, u8 tf)
+{
+	u8 state = CT_ST_STATE(status);
+	u8 flags = CT_ST_FLAGS(status);
+	u8 tfo = (status >> 16) & 0xff;
+	u8 tfr = status >> 24;
+	int fin_dir = (flags & CT_F_FIN_REPLY) ? CT_DIR_REPLY : CT_DIR_ORIG;
+
+	if (dir == CT_DIR_ORIG)
+		tfo |= tf;
+	else
+		tfr |= tf;
+
+	if (tf & CT_TCP_RST) {
+		state = CT_S_CLOSE;
+		goto out;
+	}
+	switch (state) {
+	case CT_S_SYN_SENT:
+		if (dir == CT_DIR_REPLY && (tf & CT_TCP_SYN))
+			state = CT_S_SYN_RECV; /* SYN/ACK, or simultaneous open */
+		break;
+	case CT_S_SYN_RECV:
+		if (dir == CT_DIR_ORIG && (tf & CT_TCP_ACK) && !(tf & CT_TCP_SYN)) {
+			state = CT_S_ESTABLISHED;
+			flags |= CT_F_ASSURED;
+			if (tf & CT_TCP_FIN) {
+				state = CT_S_FIN_WAIT;
+				flags &= ~CT_F_FIN_REPLY;
+			}
+		}
+		break;
+	case CT_S_ESTABLISHED:
+		if (dir == CT_DIR_REPLY && (flags & CT_F_PICKUP))
+			flags |= CT_F_ASSURED; /* a picked-up flow answered */
+		if (tf & CT_TCP_FIN) {
+			state = CT_S_FIN_WAIT;
+			if (dir == CT_DIR_REPLY)
+				flags |= CT_F_FIN_REPLY;
+			else
+				flags &= ~CT_F_FIN_REPLY;
+		}
+		break;
+	case CT_S_FIN_WAIT:
+		if (dir != fin_dir) {
+			if (tf & CT_TCP_FIN)
+				state = CT_S_LAST_ACK;
+			else if (tf & CT_TCP_ACK)
+				state = CT_S_CLOSE_WAIT;
+		}
+		break;
+	case CT_S_CLOSE_WAIT:
+		if (dir != fin_dir && (tf & CT_TCP_FIN))
+			state = CT_S_LAST_ACK;
+		break;
+	case CT_S_LAST_ACK:
+		if (dir == fin_dir && (tf & CT_TCP_ACK))
+			state = CT_S_TIME_WAIT;
+		break;
+	default:
+		break;
+	}
+out:
+	if (dir == CT_DIR_REPLY)
+		flags |= CT_F_SEEN_REPLY;
+	return CT_ST_MAKE(state, flags, tfo, tfr);
+}
+
+static __always_inline u32 ct_next_status(u32 status, u8 proto, int dir, u8 tf)
+{
+	if (proto == IPPROTO_TCP)
+		return ct_tcp_next(status, dir, tf);
+	if (dir == CT_DIR_REPLY)
+		status |= (u32)(CT_F_SEEN_REPLY | CT_F_ASSURED) << 8;
+	return status;
+}
+
+#define CT_REFRESH_DONE      0
+#define CT_REFRESH_UNTRACKED 1 /* entry claimed by the sweeper meanwhile */
+#define CT_REFRESH_RESTART   2 /* old connection ended; track the packet anew */
+
+/* Account a packet to its entry, move the state machine, and emit UPDATE on
+ * a state change or when a long flow's report interval has passed. */
+static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, struct ct_pkt *p,
+				      int dir, struct ct_config *cfg, u64 now)
+{
+	u64 last = e->last_ns;
+	if (last == CT_DEAD)
+		return CT_REFRESH_UNTRACKED;
+	u8 proto = ct_key_proto(fam, key);
+	u32 status = ct_status(e);
+	u8 state = CT_ST_STATE(status);
+
+	/* A new SYN on the tuple of a closed connection starts a new one, as
+	 * nf_conntrack does: end the old entry first. */
+	if (proto == IPPROTO_TCP && dir == CT_DIR_ORIG &&
+	    (state == CT_S_TIME_WAIT || state == CT_S_CLOSE) &&
+	    (p->tcp_flags & (CT_TCP_SYN | CT_TCP_ACK | CT_TCP_RST)) == CT_TCP_SYN) {
+		if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last)
+			return CT_REFRESH_UNTRACKED;
+		ct_destroy(fam, key, e, last, ct_end_reason(proto, state), now);
+		return CT_REFRESH_RESTART;
+	}
+
+	if (now > last && __sync_val_compare_and_swap(&e->last_ns, last, now) == CT_DEAD)
+		return CT_REFRESH_UNTRACKED;
+	__sync_fetch_and_add(&e->pkts[dir & 1], 1);
+	__sync_fetch_and_add(&e->bytes[dir & 1], p->l3_len);
+
+	u32 next = ct_next_status(status, proto, dir, p->tcp_flags);
+	if (next != status && !ct_swap_half(&e->status_seq, 0, status, next))
+		next = status; /* another CPU moved it first; its change stands */
+
+	if (CT_ST_STATE(next) != state ||
+	    ((CT_ST_FLAGS(next) ^ CT_ST_FLAGS(status)) & CT_F_ASSURED)) {
+		/* A state with a shorter timeout brings expiry forward: file the
+		 * entry under the earlier slot (later ones are found lazily). */
+		u32 due = ct_due_slot(now, ct_timeout(cfg, proto, CT_ST_STATE(next)), now);
+		u32 sched = ct_sched_slot(e);
+		if (due < sched)
+			ct_reschedule(fam, key, e, sched, due);
+		ct_emit(CT_EV_UPDATE, fam, key, e, next, CT_END_NONE, now, now);
+		return CT_REFRESH_DONE;
+	}
+
+	u64 ivl_ns = cfg->report_interval_ns;
+	if (ivl_ns) {
+		u32 ivl = ivl_ns >> CT_SLOT_SHIFT;
+		if (!ivl)
+			ivl = 1;
+		u32 reported = e->sched >> 32;
+		u32 cur = ct_slot(now);
+		if (cur - reported >= ivl && ct_swap_half(&e->sched, 1, reported, cur))
+			ct_emit(CT_EV_UPDATE, fam, key, e, next, CT_END_NONE, now, now);
+	}
+	return CT_REFRESH_DONE;
+}
+
+/* Whether, and in which state, a packet with no entry starts one. */
+static __always_inline int ct_new_state(u8 proto, struct ct_pkt *p, u8 *state, u8 *flags)
+{
+	*flags = 0;
+	if (proto == IPPROTO_TCP) {
+		u8 tf = p->tcp_flags;
+		if (tf & CT_TCP_RST)
+			return 0;
+		if (tf & CT_TCP_SYN) {
+			if (tf & CT_TCP_ACK)
+				return 0; /* SYN/ACK of nothing we saw */
+			*state = CT_S_SYN_SENT;
+			return 1;
+		}
+		if (!(tf & CT_TCP_ACK))
+			return 0;
+		/* Mid-stream pickup, like nf_conntrack_tcp_loose. */
+		*flags = CT_F_PICKUP;
+		*state = (tf & CT_TCP_FIN) ? CT_S_FIN_WAIT : CT_S_ESTABLISHED;
+		return 1;
+	}
+	*state = CT_S_NONE;
+	return !p->no_create;
+}
+
+#define CT_CREATE_OK     0
+#define CT_CREATE_NO     1 /* this packet does not start a connection */
+#define CT_CREATE_FULL   2
+#define CT_CREATE_RACE   3 /* another CPU created the entry first */
+
+static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
+				     struct ct_config *cfg, u64 now)
+{
+	u8 proto = ct_key_proto(fam, key);
+	u8 state, flags;
+	if (!ct_new_state(proto, p, &state, &flags))
+		return CT_CREATE_NO;
+	struct ct_global *g = ct_glob();
+	if (!g)
+		return CT_CREATE_FULL;
+	u64 n = __sync_fetch_and_add(&g->entries, 1);
+	if (n >= cfg->table_limit) {
+		__sync_fetch_and_add(&g->entries, -1);
+		return CT_CREATE_FULL;
+	}
+	struct ct_entry ne = {};
+	ne.ct_id = __sync_fetch_and_add(&g->next_ct_id, 1);
+	ne.first_ns = now;
+	ne.last_ns = now;
+	ne.pkts[CT_DIR_ORIG] = 1;
+	ne.bytes[CT_DIR_ORIG] = p->l3_len;
+	u32 status = CT_ST_MAKE(state, flags, p->tcp_flags, 0);
+	u32 due = ct_due_slot(now, ct_timeout(cfg, proto, state), now);
+	ne.status_seq = status;
+	ne.sched = due | ((u64)ct_slot(now) << 32);
+	if (ct_tbl_insert(fam, key, &ne)) {
+		__sync_fetch_and_add(&g->entries, -1);
+		return ct_tbl_lookup(fam, key) ? CT_CREATE_RACE : CT_CREATE_FULL;
+	}
+	ct_stat_inc(CT_STAT_CREATED);
+	ct_wheel_push(fam, key, due);
+	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	if (e)
+		ct_emit(CT_EV_CREATE, fam, key, e, status, CT_END_NONE, now, now);
+	return CT_CREATE_OK;
+}
+
+static __always_inline int ct_untracked(struct ct_pkt *p, struct ct_config *cfg)
+{
+	ct_stat_inc(CT_STAT_UNTRACKED_PKTS);
+	ct_stat_add(CT_STAT_UNTRACKED_BYTES, p->l3_len);
+	return (cfg->flags & CT_CFG_DROP_UNTRACKED) ? CT_VERDICT_DROP : CT_VERDICT_PASS;
+}
+
+static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now)
+{
+	union ct_key *key = (union ct_key *)p;
+	union ct_key rkey = {};
+	int dir = CT_DIR_ORIG;
+	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	void *ekey = key;
+	if (!e) {
+		ct_key_reverse(fam, &rkey, key);
+		e = ct_tbl_lookup(fam, &rkey);
+		dir = CT_DIR_REPLY;
+		ekey = &rkey;
+	}
+	if (e) {
+		int r = ct_refresh(fam, ekey, e, p, dir, cfg, now);
+		if (r == CT_REFRESH_DONE)
+			return CT_VERDICT_PASS;
+		if (r == CT_REFRESH_UNTRACKED)
+			return ct_untracked(p, cfg);
+		/* CT_REFRESH_RESTART: only ever in the original direction */
+	}
+	int c = ct_create(fam, key, p, cfg, now);
+	if (c == CT_CREATE_OK)
+		return CT_VERDICT_PASS;
+	if (c == CT_CREATE_RACE) {
+		e = ct_tbl_lookup(fam, key);
+		if (e && ct_refresh(fam, key, e, p, CT_DIR_ORIG, cfg, now) == CT_REFRESH_DONE)
+			return CT_VERDICT_PASS;
+		return ct_untracked(p, cfg);
+	}
+	if (c == CT_CREATE_FULL)
+		ct_stat_inc(CT_STAT_TABLE_FULL);
+	else
+		ct_stat_inc(CT_STAT_INVALID); /* e.g. RST or SYN/ACK of nothing */
+	return ct_untracked(p, cfg);
+}
+
+/* The datapath entry shared by XDP and tc. */
+static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
+{
+	struct ct_pkt p = {};
+	ct_stat_inc(CT_STAT_PACKETS);
+	int rc = ct_parse(data, data_end, frame_len, &p);
+	if (rc == CT_PARSE_NOT_IP) {
+		ct_stat_inc(CT_STAT_NOT_IP);
+		return CT_VERDICT_PASS;
+	}
+	if (rc == CT_PARSE_INVALID) {
+		ct_stat_inc(CT_STAT_INVALID);
+		return CT_VERDICT_PASS;
+	}
+	struct ct_config *cfg = ct_cfg();
+	if (!cfg)
+		return CT_VERDICT_PASS;
+	if (rc == CT_PARSE_FRAGMENT) {
+		ct_stat_inc(CT_STAT_FRAGMENTS);
+		return ct_untracked(&p, cfg);
+	}
+	if (rc == CT_PARSE_OTHER) {
+		ct_stat_inc(CT_STAT_OTHER_L4);
+		return ct_untracked(&p, cfg);
+	}
+	u64 now = bpf_ktime_get_ns();
+	if (p.family == 4)
+		return ct_track(4, &p, cfg, now);
+	return ct_track(6, &p, cfg, now);
+}
+
+#endif /* CT_LOGIC_H */

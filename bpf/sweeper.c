@@ -1,0 +1,146 @@
+/* sweeper.c - expiry. BCC cannot load BPF timers' callbacks, so the daemon
+ * runs these programs (one per family) every tick through BPF_PROG_TEST_RUN
+ * (with `repeat`), handing each a struct ct_sweep_req as the "packet".
+ *
+ * Each run consumes at most `budget` index records of slots that are due, so
+ * the work per tick is bounded whatever the table size. A record whose entry
+ * was refreshed is filed again under its new due slot; an entry that is due
+ * is claimed by swapping its last_ns to CT_DEAD, which fails if a packet
+ * refreshed it after we looked, and only the claimer destroys it.
+ */
+
+static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
+					   struct ct_config *cfg, u64 now)
+{
+	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	if (!e || ct_sched_slot(e) != slot)
+		return; /* gone, or filed elsewhere since: a stale record */
+	u64 last = e->last_ns;
+	if (last == CT_DEAD)
+		return;
+	u8 proto = ct_key_proto(fam, key);
+	u8 state = CT_ST_STATE(ct_status(e));
+	u64 timeout = ct_timeout(cfg, proto, state);
+	if (last + timeout > now) {
+		ct_reschedule(fam, key, e, slot, ct_due_slot(last, timeout, now));
+		ct_stat_inc(CT_STAT_RESCHEDULED);
+		return;
+	}
+	if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last) {
+		ct_reschedule(fam, key, e, slot, ct_slot(now) + 1);
+		ct_stat_inc(CT_STAT_RESCHEDULED);
+		return;
+	}
+	ct_destroy(fam, key, e, last, ct_end_reason(proto, state), now);
+}
+
+/* Consume index record idx of slot; drop the chunk once its last record is
+ * consumed. */
+static __always_inline void ct_sweep_record(u32 fam, u32 slot, u32 idx,
+					    struct ct_config *cfg, u64 now)
+{
+	if (fam == 4) {
+		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL4_PER_CHUNK };
+		u32 pos = idx % CT_WHEEL4_PER_CHUNK;
+		struct ct_wheel_chunk4 *c = ct_wheel4.lookup(&wk);
+		if (!c)
+			return;
+		if (c->filled & (1ULL << pos)) {
+			struct ct_key4 k = c->keys[pos];
+			ct_sweep_entry(4, &k, slot, cfg, now);
+		}
+		if (pos == CT_WHEEL4_PER_CHUNK - 1)
+			ct_wheel4.delete(&wk);
+	} else {
+		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL6_PER_CHUNK };
+		u32 pos = idx % CT_WHEEL6_PER_CHUNK;
+		struct ct_wheel_chunk6 *c = ct_wheel6.lookup(&wk);
+		if (!c)
+			return;
+		if (c->filled & (1ULL << pos)) {
+			struct ct_key6 k = c->keys[pos];
+			ct_sweep_entry(6, &k, slot, cfg, now);
+		}
+		if (pos == CT_WHEEL6_PER_CHUNK - 1)
+			ct_wheel6.delete(&wk);
+	}
+}
+
+/* A slot is done: drop its last, partly filled chunk and its record. */
+static __always_inline void ct_sweep_slot_done(u32 fam, struct ct_wheel_slot_key *sk, u32 n)
+{
+	if (fam == 4) {
+		struct ct_wheel_key wk = { .slot = sk->slot, .chunk = n / CT_WHEEL4_PER_CHUNK };
+		if (n % CT_WHEEL4_PER_CHUNK)
+			ct_wheel4.delete(&wk);
+	} else {
+		struct ct_wheel_key wk = { .slot = sk->slot, .chunk = n / CT_WHEEL6_PER_CHUNK };
+		if (n % CT_WHEEL6_PER_CHUNK)
+			ct_wheel6.delete(&wk);
+	}
+	ct_wslots.delete(sk);
+}
+
+/* fam is a constant at each call, so the compiler drops the other family's
+ * branches: the verifier could not explore both within its limits. */
+static __always_inline int ct_sweep_family(struct xdp_md *ctx, const u32 fam)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ct_sweep_req *rq = data;
+	if ((void *)(rq + 1) > data_end)
+		return XDP_ABORTED;
+	if (rq->family != fam)
+		return XDP_ABORTED;
+	u32 budget = rq->budget;
+	struct ct_config *cfg = ct_cfg();
+	struct ct_global *g = ct_glob();
+	if (!cfg || !g)
+		return XDP_ABORTED;
+	u32 *cursor = fam == 4 ? &g->cursor[0] : &g->cursor[1];
+	u64 now = bpf_ktime_get_ns();
+	u32 now_slot = ct_slot(now);
+	/* Writers file under now_slot + 1 or later; consume a slot only once
+	 * two slots have begun since it did. */
+	if (*cursor == 0 || *cursor > now_slot)
+		*cursor = now_slot - 2;
+
+	u32 swept = 0;
+	for (u32 i = 0; i < CT_SWEEP_BATCH; i++) {
+		if (i >= budget)
+			break;
+		u32 cur = *cursor;
+		if (cur + 2 > now_slot)
+			break;
+		struct ct_wheel_slot_key sk = { .slot = cur, .family = fam };
+		struct ct_wheel_slot *ws = ct_wslots.lookup(&sk);
+		if (!ws) {
+			*cursor = cur + 1;
+			continue;
+		}
+		u32 done = ws->done;
+		u32 n = ws->n;
+		if (done >= n) {
+			ct_sweep_slot_done(fam, &sk, n);
+			*cursor = cur + 1;
+			continue;
+		}
+		ws->done = done + 1;
+		ct_sweep_record(fam, cur, done, cfg, now);
+		swept++;
+	}
+	ct_stat_add(CT_STAT_SWEPT, swept);
+	u32 cur = *cursor;
+	rq->pending = cur + 2 <= now_slot ? now_slot - cur - 1 : 0;
+	return XDP_PASS;
+}
+
+int ct_sweep4(struct xdp_md *ctx)
+{
+	return ct_sweep_family(ctx, 4);
+}
+
+int ct_sweep6(struct xdp_md *ctx)
+{
+	return ct_sweep_family(ctx, 6);
+}
