@@ -1,0 +1,193 @@
+"""Python mirror of bpf/ct_abi.h.
+
+The C header is the truth. tests/bpf/test_abi.py compiles static assertions
+generated from the layouts below against it, and a round trip through a BPF
+program checks every field, so the two cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+ABI_VERSION = 1
+
+EV_CREATE, EV_UPDATE, EV_DESTROY = 1, 2, 3
+EVENT_NAMES = {EV_CREATE: "NEW", EV_UPDATE: "UPDATE", EV_DESTROY: "DESTROY"}
+
+DIR_ORIG, DIR_REPLY = 0, 1
+
+STATE_NAMES = {
+    0: "NONE", 1: "SYN_SENT", 2: "SYN_RECV", 3: "ESTABLISHED", 4: "FIN_WAIT",
+    5: "CLOSE_WAIT", 6: "LAST_ACK", 7: "TIME_WAIT", 8: "CLOSE",
+}
+S_NONE, S_SYN_SENT, S_SYN_RECV, S_ESTABLISHED, S_FIN_WAIT = 0, 1, 2, 3, 4
+S_CLOSE_WAIT, S_LAST_ACK, S_TIME_WAIT, S_CLOSE = 5, 6, 7, 8
+
+F_ASSURED, F_SEEN_REPLY, F_FIN_REPLY, F_PICKUP = 0x01, 0x02, 0x04, 0x08
+
+END_NONE, END_IDLE, END_FIN, END_RST, END_REUSE = 0, 1, 2, 3, 4
+END_NAMES = {0: "none", 1: "idle", 2: "fin", 3: "rst", 4: "reuse"}
+
+TO_SYN, TO_EST, TO_FIN, TO_UDP, TO_ICMP, TO_OTHER = 0, 1, 2, 3, 4, 5
+TO_MAX = 8
+
+CFG_DROP_UNTRACKED = 0x1
+
+DEAD = 0xFFFFFFFFFFFFFFFF
+SLOT_SHIFT = 30
+WHEEL4_PER_CHUNK, WHEEL6_PER_CHUNK = 16, 8
+
+# Per-CPU counters, in index order (bpf/ct_abi.h CT_STAT_*).
+STAT_NAMES = (
+    "packets", "invalid", "ring_full", "table_full", "created", "destroyed",
+    "fragments", "untracked_packets", "untracked_bytes", "not_ip", "events",
+    "wheel_full", "rescheduled", "swept", "other_l4",
+)
+STAT_MAX = 16
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct spelled as (field, struct format) pairs, little-endian and
+    without implicit padding: the C side spells its padding out too."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def fmt(self) -> str:
+        return "<" + "".join(f for _, f in self.fields)
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.fmt)
+
+    def offsets(self) -> dict[str, int]:
+        out, off = {}, 0
+        for name, f in self.fields:
+            out[name] = off
+            off += struct.calcsize("<" + f)
+        return out
+
+
+KEY4 = Layout("ct_key4", (
+    ("saddr", "4s"), ("daddr", "4s"), ("sport", "H"), ("dport", "H"),
+    ("proto", "B"), ("_pad0", "B"), ("vlan", "H"),
+))
+KEY6 = Layout("ct_key6", (
+    ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"),
+    ("proto", "B"), ("_pad0", "B"), ("vlan", "H"),
+))
+ENTRY = Layout("ct_entry", (
+    ("ct_id", "Q"), ("first_ns", "Q"), ("last_ns", "Q"),
+    ("pkts", "2Q"), ("bytes", "2Q"), ("status_seq", "Q"), ("sched", "Q"),
+))
+EVENT = Layout("ct_event", (
+    ("type", "B"), ("version", "B"), ("len", "H"), ("family", "B"), ("proto", "B"),
+    ("state", "B"), ("flags", "B"), ("ct_id", "Q"), ("seq", "I"), ("end_reason", "B"),
+    ("missed", "B"), ("tcp_flags_orig", "B"), ("tcp_flags_reply", "B"), ("ts_ns", "Q"),
+    ("first_ns", "Q"), ("last_ns", "Q"), ("pkts_orig", "Q"), ("pkts_reply", "Q"),
+    ("bytes_orig", "Q"), ("bytes_reply", "Q"), ("saddr", "16s"), ("daddr", "16s"),
+    ("sport", "H"), ("dport", "H"), ("vlan", "H"), ("_pad0", "H"),
+))
+CONFIG = Layout("ct_config", (
+    ("timeout_ns", f"{TO_MAX}Q"), ("report_interval_ns", "Q"), ("table_limit", "I"),
+    ("flags", "I"), ("_reserved", "3Q"),
+))
+GLOBAL = Layout("ct_global", (
+    ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("_reserved", "Q"),
+))
+SWEEP_REQ = Layout("ct_sweep_req", (
+    ("family", "B"), ("_pad0", "3s"), ("budget", "I"), ("pending", "I"), ("_pad1", "I"),
+))
+LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ)
+
+_EVENT = struct.Struct(EVENT.fmt)
+EVENT_SIZE = _EVENT.size
+
+
+def _ntohs(v: int) -> int:
+    return ((v & 0xFF) << 8) | (v >> 8)
+
+
+@dataclass(slots=True)
+class RawEvent:
+    """One ct_event as the kernel wrote it, fields decoded to Python ints and
+    bytes, ports in host order, addresses still packed."""
+
+    type: int
+    family: int
+    proto: int
+    state: int
+    flags: int
+    ct_id: int
+    seq: int
+    end_reason: int
+    missed: int
+    tcp_flags_orig: int
+    tcp_flags_reply: int
+    ts_ns: int
+    first_ns: int
+    last_ns: int
+    pkts_orig: int
+    pkts_reply: int
+    bytes_orig: int
+    bytes_reply: int
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    vlan: int
+
+
+def decode_event(buf) -> RawEvent:
+    """Decode one ring record; reject what this version does not know."""
+    if len(buf) < 4:
+        raise _abi_error(f"event record of {len(buf)} bytes is too short")
+    (etype, version, length, family, proto, state, flags, ct_id, seq, end_reason,
+     missed, tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br, saddr, daddr,
+     sport, dport, vlan, _pad) = _EVENT.unpack_from(buf) if len(buf) >= EVENT_SIZE else _short(buf)
+    if version != ABI_VERSION:
+        raise _abi_error(f"event ABI version {version}, this ctstream knows {ABI_VERSION}")
+    if length != EVENT_SIZE:
+        raise _abi_error(f"event length {length}, ABI {ABI_VERSION} has {EVENT_SIZE}")
+    if etype not in EVENT_NAMES:
+        raise _abi_error(f"unknown event type {etype}")
+    if family not in (4, 6):
+        raise _abi_error(f"unknown address family {family}")
+    alen = 4 if family == 4 else 16
+    return RawEvent(etype, family, proto, state, flags, ct_id, seq, end_reason, missed,
+                    tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br,
+                    saddr[:alen], daddr[:alen], _ntohs(sport), _ntohs(dport), vlan)
+
+
+def _short(buf):
+    raise _abi_error(f"event record of {len(buf)} bytes, expected {EVENT_SIZE}")
+
+
+def _abi_error(msg: str):
+    from .errors import AbiError
+    return AbiError(msg)
+
+
+def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: int,
+                flags: int) -> bytes:
+    to = list(timeouts_ns) + [0] * (TO_MAX - len(timeouts_ns))
+    return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, 0, 0, 0)
+
+
+def unpack_global(buf: bytes) -> dict:
+    next_id, entries, c4, c6, _ = struct.unpack(GLOBAL.fmt, buf[:GLOBAL.size])
+    return {"next_ct_id": next_id, "entries": entries, "cursor4": c4, "cursor6": c6}
+
+
+def pack_sweep_req(family: int, budget: int) -> bytes:
+    return struct.pack(SWEEP_REQ.fmt, family, b"\0\0\0", budget, 0, 0)
+
+
+def unpack_sweep_req(buf: bytes) -> dict:
+    family, _, budget, pending, _ = struct.unpack(SWEEP_REQ.fmt, buf[:SWEEP_REQ.size])
+    return {"family": family, "budget": budget, "pending": pending}

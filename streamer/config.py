@@ -1,0 +1,102 @@
+"""Datapath and daemon configuration, validated before anything reaches the
+kernel. Sizes become -D flags built from these integers; everything else goes
+into the ct_config map, which the daemon can rewrite while attached."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from . import abi
+from .errors import ConfigError
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/ctstream"
+XDP_MODES = ("auto", "native", "generic")
+MAX_TIMEOUT_S = 7 * 24 * 3600
+PAGE = 4096
+
+
+@dataclass
+class Timeouts:
+    """Per-state timeouts in seconds (nf_conntrack's names in brackets)."""
+
+    syn: float = 20.0          # SYN_SENT, SYN_RECV
+    established: float = 60.0  # ESTABLISHED
+    fin: float = 10.0          # FIN_WAIT .. TIME_WAIT, CLOSE (after RST)
+    udp: float = 30.0
+    icmp: float = 10.0
+    other: float = 30.0
+
+    def validate(self) -> None:
+        for name in ("syn", "established", "fin", "udp", "icmp", "other"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                    or v <= 0 or v > MAX_TIMEOUT_S:
+                raise ConfigError(
+                    f"timeout {name} must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {v!r}")
+
+    def as_ns(self) -> list[int]:
+        out = [0] * abi.TO_MAX
+        out[abi.TO_SYN] = _ns(self.syn)
+        out[abi.TO_EST] = _ns(self.established)
+        out[abi.TO_FIN] = _ns(self.fin)
+        out[abi.TO_UDP] = _ns(self.udp)
+        out[abi.TO_ICMP] = _ns(self.icmp)
+        out[abi.TO_OTHER] = _ns(self.other)
+        return out
+
+    def longest(self) -> float:
+        return max(self.syn, self.established, self.fin, self.udp, self.icmp, self.other)
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+@dataclass
+class DatapathConfig:
+    pin_dir: str = DEFAULT_PIN_DIR
+    table_limit: int = 262_144           # live entries, both families together
+    ring_bytes: int = 4 << 20            # event ring size, a power of two
+    report_interval: float = 60.0        # seconds between UPDATEs of a long flow; 0 = off
+    sweep_interval: float = 0.25         # seconds between sweeper ticks
+    sweep_budget: int = 200_000          # index records the sweeper may examine per tick
+    drop_untracked: bool = False         # table full: drop instead of pass
+    xdp_mode: str = "auto"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def validate(self) -> "DatapathConfig":
+        self.timeouts.validate()
+        if not re.fullmatch(r"/sys/fs/bpf(/[A-Za-z0-9_.-]+)+", self.pin_dir or ""):
+            raise ConfigError(
+                f"pin directory must be a path below /sys/fs/bpf made of [A-Za-z0-9_.-], "
+                f"got {self.pin_dir!r}")
+        _int_in("table limit", self.table_limit, 16, 1 << 27)
+        _int_in("ring size", self.ring_bytes, PAGE, 1 << 30)
+        if self.ring_bytes & (self.ring_bytes - 1):
+            raise ConfigError(f"ring size must be a power of two (bytes), got {self.ring_bytes}")
+        if not _finite(self.report_interval) or not 0 <= self.report_interval <= MAX_TIMEOUT_S:
+            raise ConfigError(
+                f"report interval must be 0 (off) or seconds up to {MAX_TIMEOUT_S}, "
+                f"got {self.report_interval!r}")
+        if not _finite(self.sweep_interval) or not 0.01 <= self.sweep_interval <= 10:
+            raise ConfigError(f"sweep interval must be in [0.01, 10] s, got {self.sweep_interval!r}")
+        _int_in("sweep budget", self.sweep_budget, 1, 100_000_000)
+        if self.xdp_mode not in XDP_MODES:
+            raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}")
+        return self
+
+    def map_config_bytes(self) -> bytes:
+        flags = abi.CFG_DROP_UNTRACKED if self.drop_untracked else 0
+        return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
+                               self.table_limit, flags)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_in(what: str, v, lo: int, hi: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")

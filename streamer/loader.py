@@ -1,0 +1,303 @@
+"""Compile the datapath with BCC, pin its maps, configure it, attach it.
+
+Sizes known at load time become -D flags built from validated integers
+(DatapathConfig.validate); timeouts and limits go into the ct_config map.
+Attachments are recorded in /run/ctstream so that `ctstream detach` can undo
+what a process that died left attached.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import abi, bpfsys, netns
+from .config import DatapathConfig
+from .errors import EnvironmentProblem, InterfaceError, LoadError
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+MAIN_SOURCE = "ctstream.bpf.c"
+STATE_DIR = Path("/run/ctstream")
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+TC_EGRESS_PARENT = "ffff:fff3"
+TC_PRIO = 49152  # tc's default first priority; our filter is found by name
+
+PROGRAMS = ("ct_xdp_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6")
+
+_INCLUDE = re.compile(r'\s*#\s*include\s+"([A-Za-z0-9_.]+)"\s*$')
+
+
+def expand_source(name: str = MAIN_SOURCE, bpf_dir: Path = BPF_DIR) -> str:
+    """One text from our own quoted includes (see bpf/ctstream.bpf.c for why),
+    with #line markers so compiler messages name the real file and line."""
+    seen: set[str] = set()
+
+    def expand(fname: str) -> list[str]:
+        path = bpf_dir / fname
+        out = [f'#line 1 "{path}"']
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            m = _INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            if m.group(1) not in seen:
+                seen.add(m.group(1))
+                out.extend(expand(m.group(1)))
+            out.append(f'#line {lineno + 1} "{path}"')
+        return out
+
+    return "\n".join(expand(name)) + "\n"
+
+
+def cflags(cfg: DatapathConfig, bpf_dir: Path = BPF_DIR) -> list[str]:
+    return [
+        f"-I{bpf_dir}",
+        f'-DCT_PIN_DIR="{cfg.pin_dir}"',  # validated: /sys/fs/bpf/[A-Za-z0-9_.-/]+
+        f"-DCT_MAX4={int(cfg.table_limit)}",
+        f"-DCT_MAX6={int(cfg.table_limit)}",
+        f"-DCT_RING_BYTES={int(cfg.ring_bytes)}",
+        "-Wno-unused-function",
+    ]
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            "ctstream needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo")
+    if not os.path.exists("/proc/sys/kernel/unprivileged_bpf_disabled"):
+        raise EnvironmentProblem("this kernel has no BPF support (CONFIG_BPF_SYSCALL)")
+    if not os.path.ismount("/sys/fs/bpf"):
+        try:
+            os.makedirs("/sys/fs/bpf", exist_ok=True)
+            _mount_bpffs()
+        except OSError as exc:
+            raise EnvironmentProblem(
+                "bpffs is not mounted at /sys/fs/bpf and mounting it failed "
+                f"({exc.strerror}): mount -t bpf bpf /sys/fs/bpf") from exc
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not build.exists():
+        raise EnvironmentProblem(
+            f"no kernel headers for BCC at {build}: run scripts/setup.sh, which wires "
+            "Debian's linux-headers for this kernel")
+
+
+def _mount_bpffs() -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def ifindex(ifname: str, ns: str | None = None) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9_.@:-]{1,15}", ifname or ""):
+        raise InterfaceError(f"bad interface name {ifname!r}")
+    with netns.entered(ns):
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            where = f" in network namespace {ns}" if ns else ""
+            raise InterfaceError(f"no such interface: {ifname}{where}") from None
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    kind: str            # "xdp" | "tc-egress"
+    netns: str | None
+    mode: str = ""       # xdp: "native" | "generic"
+    own_clsact: bool = False
+
+
+class Datapath:
+    """The compiled, pinned and configured programs and maps of one pin dir."""
+
+    def __init__(self, cfg: DatapathConfig):
+        self.cfg = cfg.validate()
+        self.bpf = None
+        self.attachments: list[Attachment] = []
+        self.adopted = False
+
+    # ---- load -------------------------------------------------------------
+    def load(self) -> "Datapath":
+        check_environment()
+        from bcc import BPF  # Debian's python3-bpfcc
+
+        self.adopted = os.path.exists(os.path.join(self.cfg.pin_dir, "ct4"))
+        os.makedirs(self.cfg.pin_dir, mode=0o700, exist_ok=True)
+        try:
+            self.bpf = BPF(text=expand_source(), cflags=cflags(self.cfg))
+            self.progs = {
+                "ct_xdp_ingress": self.bpf.load_func("ct_xdp_ingress", BPF.XDP),
+                "ct_tc_egress": self.bpf.load_func("ct_tc_egress", BPF.SCHED_CLS),
+                "ct_sweep4": self.bpf.load_func("ct_sweep4", BPF.XDP),
+                "ct_sweep6": self.bpf.load_func("ct_sweep6", BPF.XDP),
+            }
+        except Exception as exc:  # BCC raises bare Exception
+            hint = ""
+            if self.adopted:
+                hint = (f"; maps pinned at {self.cfg.pin_dir} may come from a different "
+                        "configuration: `ctstream detach` removes them")
+            raise LoadError(f"loading the BPF datapath failed: {exc}{hint}") from exc
+        self.configure()
+        g = self.global_state()
+        if g["next_ct_id"] == 0:
+            self._seed_ct_id()
+        return self
+
+    def fd(self, map_name: str) -> int:
+        return self.bpf[map_name].map_fd
+
+    def prog_fd(self, name: str) -> int:
+        return self.progs[name].fd
+
+    def configure(self) -> None:
+        """(Re)write the run-time configuration map; safe while attached."""
+        bpfsys.map_update(self.fd("ct_config"), b"\0" * 4, self.cfg.map_config_bytes())
+
+    def global_state(self) -> dict:
+        raw = bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size)
+        return abi.unpack_global(raw)
+
+    def _seed_ct_id(self) -> None:
+        # Wall-clock nanoseconds: ids stay unique across reboots and across
+        # tables made anew, as long as fewer than 1e9 connections a second.
+        raw = bytearray(bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size))
+        raw[0:8] = time.time_ns().to_bytes(8, "little")
+        bpfsys.map_update(self.fd("ct_global"), b"\0" * 4, bytes(raw))
+
+    # ---- attach -----------------------------------------------------------
+    def attach_xdp(self, ifname: str, ns: str | None = None, mode: str | None = None) -> Attachment:
+        from bcc import BPF
+
+        mode = mode or self.cfg.xdp_mode
+        ifindex(ifname, ns)
+        tries = {"native": [("native", XDP_FLAGS_DRV_MODE)],
+                 "generic": [("generic", XDP_FLAGS_SKB_MODE)],
+                 "auto": [("native", XDP_FLAGS_DRV_MODE), ("generic", XDP_FLAGS_SKB_MODE)]}[mode]
+        last = None
+        with netns.entered(ns):
+            for name, flags in tries:
+                try:
+                    BPF.attach_xdp(ifname, self.progs["ct_xdp_ingress"], flags)
+                except Exception as exc:
+                    last = exc
+                    continue
+                att = Attachment(ifname, "xdp", ns, mode=name)
+                self._record(att)
+                return att
+        raise InterfaceError(f"cannot attach XDP ({mode}) to {ifname}: {last}")
+
+    def attach_tc_egress(self, ifname: str, ns: str | None = None) -> Attachment:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        idx = ifindex(ifname, ns)
+        own = False
+        with netns.entered(ns), IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", idx)
+                own = True
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise InterfaceError(f"cannot add clsact qdisc on {ifname}: {exc}") from exc
+            try:
+                ipr.tc("add-filter", "bpf", idx, ":1", fd=self.prog_fd("ct_tc_egress"),
+                       name="ct_tc_egress", parent=TC_EGRESS_PARENT, classid=1,
+                       direct_action=True, prio=TC_PRIO)
+            except NetlinkError as exc:
+                if own:
+                    ipr.tc("del", "clsact", idx)
+                raise InterfaceError(f"cannot attach tc egress program to {ifname}: {exc}") from exc
+        att = Attachment(ifname, "tc-egress", ns, own_clsact=own)
+        self._record(att)
+        return att
+
+    def _record(self, att: Attachment) -> None:
+        self.attachments.append(att)
+        save_attachments(self.cfg.pin_dir, load_attachments(self.cfg.pin_dir) + [att])
+
+    def detach_all(self) -> list[str]:
+        problems = detach(self.attachments)
+        self.attachments = []
+        save_attachments(self.cfg.pin_dir, [])
+        return problems
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+# ---- attachment records and teardown (also for a process that died) -------
+
+def _state_file(pin_dir: str) -> Path:
+    return STATE_DIR / (pin_dir.strip("/").replace("/", "_") + ".json")
+
+
+def load_attachments(pin_dir: str) -> list[Attachment]:
+    try:
+        data = json.loads(_state_file(pin_dir).read_text())
+    except (OSError, ValueError):
+        return []
+    return [Attachment(**a) for a in data.get("attachments", [])]
+
+
+def save_attachments(pin_dir: str, atts: list[Attachment]) -> None:
+    path = _state_file(pin_dir)
+    if not atts:
+        path.unlink(missing_ok=True)
+        return
+    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"attachments": [asdict(a) for a in atts]}))
+    os.replace(tmp, path)
+
+
+def detach(atts: list[Attachment]) -> list[str]:
+    """Undo attachments; returns what could not be undone (interfaces that
+    are gone take their programs with them and are not a problem)."""
+    problems = []
+    for att in reversed(atts):
+        try:
+            if att.kind == "xdp":
+                _detach_xdp(att)
+            else:
+                _detach_tc(att)
+        except InterfaceError:
+            continue  # interface or namespace gone: nothing left attached
+        except Exception as exc:
+            problems.append(f"{att.kind} on {att.ifname}: {exc}")
+    return problems
+
+
+def _detach_xdp(att: Attachment) -> None:
+    from bcc import BPF
+    ifindex(att.ifname, att.netns)
+    flags = XDP_FLAGS_DRV_MODE if att.mode == "native" else XDP_FLAGS_SKB_MODE
+    with netns.entered(att.netns):
+        BPF.remove_xdp(att.ifname, flags)
+
+
+def _detach_tc(att: Attachment) -> None:
+    from pyroute2 import IPRoute
+    idx = ifindex(att.ifname, att.netns)
+    with netns.entered(att.netns), IPRoute() as ipr:
+        if att.own_clsact:
+            ipr.tc("del", "clsact", idx)
+        else:
+            ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_PRIO)
+
+
+def remove_pins(pin_dir: str) -> None:
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir)
