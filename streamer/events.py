@@ -1,0 +1,111 @@
+"""Events as users see them: wall-clock times, addresses, names; one line of
+text in the manner of `conntrack -E`, or one JSON object."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+
+from . import abi
+
+
+class Clock:
+    """Turns CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) into wall-clock
+    nanoseconds. The offset is re-read now and then, so that a clock step
+    (NTP) reaches the events within a minute."""
+
+    def __init__(self, refresh_s: float = 60.0):
+        self._refresh_s = refresh_s
+        self._next = 0.0
+        self._offset = 0
+        self._read()
+
+    def _read(self) -> None:
+        m1 = time.monotonic_ns()
+        w = time.time_ns()
+        m2 = time.monotonic_ns()
+        self._offset = w - (m1 + m2) // 2
+        self._next = time.monotonic() + self._refresh_s
+
+    def wall_ns(self, mono_ns: int) -> int:
+        if time.monotonic() >= self._next:
+            self._read()
+        return mono_ns + self._offset
+
+
+@dataclass(slots=True)
+class Event:
+    type: str            # NEW | UPDATE | DESTROY
+    family: int
+    proto: str
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    vlan: int
+    state: str | None    # TCP only
+    assured: bool
+    ct_id: int
+    seq: int
+    packets_orig: int
+    packets_reply: int
+    bytes_orig: int
+    bytes_reply: int
+    time_ms: int         # when the event was made
+    first_ms: int
+    last_ms: int
+    end_reason: str | None
+    missed: int
+
+    @classmethod
+    def from_raw(cls, r: abi.RawEvent, clock: Clock) -> "Event":
+        ip = ipaddress.IPv4Address if r.family == 4 else ipaddress.IPv6Address
+        return cls(
+            type=abi.EVENT_NAMES[r.type],
+            family=r.family,
+            proto=abi.PROTO_NAMES.get(r.proto, str(r.proto)),
+            src=str(ip(r.saddr)), dst=str(ip(r.daddr)),
+            sport=r.sport, dport=r.dport, vlan=r.vlan,
+            state=abi.STATE_NAMES.get(r.state) if r.proto == 6 else None,
+            assured=bool(r.flags & abi.F_ASSURED),
+            ct_id=r.ct_id, seq=r.seq,
+            packets_orig=r.pkts_orig, packets_reply=r.pkts_reply,
+            bytes_orig=r.bytes_orig, bytes_reply=r.bytes_reply,
+            time_ms=clock.wall_ns(r.ts_ns) // 1_000_000,
+            first_ms=clock.wall_ns(r.first_ns) // 1_000_000,
+            last_ms=clock.wall_ns(r.last_ns) // 1_000_000,
+            end_reason=abi.END_NAMES.get(r.end_reason) if r.type == abi.EV_DESTROY else None,
+            missed=r.missed,
+        )
+
+    @property
+    def is_icmp(self) -> bool:
+        return self.proto in ("icmp", "icmpv6")
+
+    def as_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__slots__}
+        if self.is_icmp:
+            d["id"] = self.sport
+        return d
+
+    def json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    def text(self) -> str:
+        parts = [f"[{self.type}]".ljust(10), self.proto.ljust(6)]
+        if self.state:
+            parts.append(self.state)
+        parts.append(f"src={self.src} dst={self.dst}")
+        parts.append(f"id={self.sport}" if self.is_icmp else f"sport={self.sport} dport={self.dport}")
+        if self.vlan:
+            parts.append(f"vlan={self.vlan}")
+        parts.append(f"packets={self.packets_orig}/{self.packets_reply}")
+        parts.append(f"bytes={self.bytes_orig}/{self.bytes_reply}")
+        if self.assured:
+            parts.append("[ASSURED]")
+        if self.end_reason:
+            parts.append(f"reason={self.end_reason}")
+        parts.append(f"ct_id={self.ct_id} seq={self.seq}")
+        return " ".join(parts)
