@@ -298,6 +298,29 @@ def _detach_tc(att: Attachment) -> None:
             ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_PRIO)
 
 
+def acquire_lock(pin_dir: str):
+    """One owner per pin directory: a second daemon on the same pins would
+    sweep the same table twice and remove the pins from under the first.
+    The lock dies with the process, so a SIGKILLed owner leaves none."""
+    import fcntl
+
+    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    f = open(_state_file(pin_dir).with_suffix(".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise EnvironmentProblem(
+            f"another ctstream (pid {owner}) already owns {pin_dir}; stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def remove_pins(pin_dir: str) -> None:
     if os.path.isdir(pin_dir):
         shutil.rmtree(pin_dir)
