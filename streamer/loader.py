@@ -22,7 +22,9 @@ from . import abi, bpfsys, netns
 from .config import DatapathConfig
 from .errors import EnvironmentProblem, InterfaceError, LoadError
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# The BPF sources sit beside the package in a checkout; an installed copy
+# (docker/Dockerfile) names them with CTSTREAM_BPF_DIR.
+BPF_DIR = Path(os.environ.get("CTSTREAM_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 MAIN_SOURCE = "ctstream.bpf.c"
 STATE_DIR = Path("/run/ctstream")
 
