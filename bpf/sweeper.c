@@ -2,6 +2,11 @@
  * runs these programs (one per family) every tick through BPF_PROG_TEST_RUN
  * (with `repeat`), handing each a struct ct_sweep_req as the "packet".
  *
+ * They are tc (SCHED_CLS) programs although they never see traffic: a test
+ * run of an XDP program with repeat > 1 installs it in the XDP dispatcher and
+ * removes it again, waiting for RCU each time (16-32 ms per call here); a tc
+ * test run has no such cost.
+ *
  * Each run consumes at most `budget` index records of slots that are due, so
  * the work per tick is bounded whatever the table size. A record whose entry
  * was refreshed is filed again under its new due slot; an entry that is due
@@ -83,27 +88,30 @@ static __always_inline void ct_sweep_slot_done(u32 fam, struct ct_wheel_slot_key
 
 /* fam is a constant at each call, so the compiler drops the other family's
  * branches: the verifier could not explore both within its limits. */
-static __always_inline int ct_sweep_family(struct xdp_md *ctx, const u32 fam)
+static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
 	struct ct_sweep_req *rq = data;
 	if ((void *)(rq + 1) > data_end)
-		return XDP_ABORTED;
+		return TC_ACT_SHOT;
 	if (rq->family != fam)
-		return XDP_ABORTED;
+		return TC_ACT_SHOT;
 	u32 budget = rq->budget;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_global *g = ct_glob();
 	if (!cfg || !g)
-		return XDP_ABORTED;
+		return TC_ACT_SHOT;
 	u32 *cursor = fam == 4 ? &g->cursor[0] : &g->cursor[1];
 	u64 now = bpf_ktime_get_ns();
 	u32 now_slot = ct_slot(now);
-	/* Writers file under now_slot + 1 or later; consume a slot only once
-	 * two slots have begun since it did. */
+	/* The loader seeds the cursor before anything is attached, so no entry
+	 * is filed under a slot behind it. This is only a guard against a map
+	 * that was never seeded (a full walk from slot 0 would take ages). */
 	if (*cursor == 0 || *cursor > now_slot)
 		*cursor = now_slot - 2;
+	/* Writers file under now_slot + 1 or later; consume a slot only once
+	 * two slots have begun since it did. */
 
 	u32 swept = 0;
 	for (u32 i = 0; i < CT_SWEEP_BATCH; i++) {
@@ -132,15 +140,15 @@ static __always_inline int ct_sweep_family(struct xdp_md *ctx, const u32 fam)
 	ct_stat_add(CT_STAT_SWEPT, swept);
 	u32 cur = *cursor;
 	rq->pending = cur + 2 <= now_slot ? now_slot - cur - 1 : 0;
-	return XDP_PASS;
+	return TC_ACT_OK;
 }
 
-int ct_sweep4(struct xdp_md *ctx)
+int ct_sweep4(struct __sk_buff *skb)
 {
-	return ct_sweep_family(ctx, 4);
+	return ct_sweep_family(skb, 4);
 }
 
-int ct_sweep6(struct xdp_md *ctx)
+int ct_sweep6(struct __sk_buff *skb)
 {
-	return ct_sweep_family(ctx, 6);
+	return ct_sweep_family(skb, 6);
 }

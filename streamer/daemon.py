@@ -104,7 +104,9 @@ class Session:
     async def _sweep_loop(self) -> None:
         try:
             while True:
-                self.sweeper.tick()
+                # In a worker thread (ctypes drops the GIL): a tick with a
+                # backlog may take a while and the ring must keep draining.
+                await asyncio.to_thread(self.sweeper.tick)
                 await asyncio.sleep(self.cfg.sweep_interval)
         except asyncio.CancelledError:
             raise

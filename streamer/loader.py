@@ -141,8 +141,8 @@ class Datapath:
             self.progs = {
                 "ct_xdp_ingress": self.bpf.load_func("ct_xdp_ingress", BPF.XDP),
                 "ct_tc_egress": self.bpf.load_func("ct_tc_egress", BPF.SCHED_CLS),
-                "ct_sweep4": self.bpf.load_func("ct_sweep4", BPF.XDP),
-                "ct_sweep6": self.bpf.load_func("ct_sweep6", BPF.XDP),
+                "ct_sweep4": self.bpf.load_func("ct_sweep4", BPF.SCHED_CLS),
+                "ct_sweep6": self.bpf.load_func("ct_sweep6", BPF.SCHED_CLS),
             }
         except Exception as exc:  # BCC raises bare Exception
             hint = ""
@@ -151,9 +151,7 @@ class Datapath:
                         "configuration: `ctstream detach` removes them")
             raise LoadError(f"loading the BPF datapath failed: {exc}{hint}") from exc
         self.configure()
-        g = self.global_state()
-        if g["next_ct_id"] == 0:
-            self._seed_ct_id()
+        self._seed_global()
         return self
 
     def fd(self, map_name: str) -> int:
@@ -170,11 +168,24 @@ class Datapath:
         raw = bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size)
         return abi.unpack_global(raw)
 
-    def _seed_ct_id(self) -> None:
-        # Wall-clock nanoseconds: ids stay unique across reboots and across
-        # tables made anew, as long as fewer than 1e9 connections a second.
+    def _seed_global(self) -> None:
+        """Seed a new table's global state before anything is attached.
+
+        ct_id starts at wall-clock nanoseconds, so ids stay unique across
+        reboots and tables made anew (below 1e9 connections a second). The
+        sweeper cursors start two slots back from now (bpf_ktime_get_ns is
+        CLOCK_MONOTONIC): every entry will be filed under a later slot, so
+        none can be left behind the cursor. An adopted table keeps both."""
         raw = bytearray(bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size))
-        raw[0:8] = time.time_ns().to_bytes(8, "little")
+        g = abi.unpack_global(bytes(raw))
+        if g["next_ct_id"] == 0:
+            raw[0:8] = time.time_ns().to_bytes(8, "little")
+        start = (time.monotonic_ns() >> abi.SLOT_SHIFT) - 2
+        offsets = abi.GLOBAL.offsets()
+        for i, name in enumerate(("cursor4", "cursor6")):
+            if g[name] == 0:
+                off = offsets["cursor"] + 4 * i
+                raw[off:off + 4] = start.to_bytes(4, "little")
         bpfsys.map_update(self.fd("ct_global"), b"\0" * 4, bytes(raw))
 
     # ---- attach -----------------------------------------------------------

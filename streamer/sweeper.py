@@ -35,7 +35,8 @@ class Sweeper:
             req = abi.pack_sweep_req(family, SWEEP_BATCH)
             runs = 0
             while runs < max_runs:
-                repeat = min(CALL_REPEAT, max_runs - runs)
+                # A first single run tells whether anything is due at all.
+                repeat = 1 if runs == 0 else min(CALL_REPEAT, max_runs - runs)
                 _, _, out = bpfsys.test_run(fd, req, repeat)
                 runs += repeat
                 res.calls += 1
