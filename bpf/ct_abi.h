@@ -63,7 +63,7 @@
 
 /* Per-CPU counters, indices into the ct_stats map. */
 #define CT_STAT_PACKETS         0  /* frames seen by the datapath */
-#define CT_STAT_INVALID         1  /* malformed: truncated, bad lengths */
+#define CT_STAT_INVALID         1  /* malformed, or a packet of no connection (RST, SYN/ACK, echo reply) */
 #define CT_STAT_RING_FULL       2  /* an event could not be reserved */
 #define CT_STAT_TABLE_FULL      3  /* a new connection found the table full */
 #define CT_STAT_CREATED         4

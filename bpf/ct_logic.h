@@ -224,11 +224,16 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	return CT_CREATE_OK;
 }
 
-static __always_inline int ct_untracked(struct ct_pkt *p, struct ct_config *cfg)
+/* Count a packet no entry accounts for. Only a connection that the full
+ * table turned away may be dropped (CT_CFG_DROP_UNTRACKED); fragments,
+ * ICMP errors, neighbour discovery and the like always pass. */
+static __always_inline int ct_untracked(struct ct_pkt *p, struct ct_config *cfg, int table_full)
 {
 	ct_stat_inc(CT_STAT_UNTRACKED_PKTS);
 	ct_stat_add(CT_STAT_UNTRACKED_BYTES, p->l3_len);
-	return (cfg->flags & CT_CFG_DROP_UNTRACKED) ? CT_VERDICT_DROP : CT_VERDICT_PASS;
+	if (table_full && (cfg->flags & CT_CFG_DROP_UNTRACKED))
+		return CT_VERDICT_DROP;
+	return CT_VERDICT_PASS;
 }
 
 static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now)
@@ -249,7 +254,7 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 		if (r == CT_REFRESH_DONE)
 			return CT_VERDICT_PASS;
 		if (r == CT_REFRESH_UNTRACKED)
-			return ct_untracked(p, cfg);
+			return ct_untracked(p, cfg, 0);
 		/* CT_REFRESH_RESTART: only ever in the original direction */
 	}
 	int c = ct_create(fam, key, p, cfg, now);
@@ -259,13 +264,14 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 		e = ct_tbl_lookup(fam, key);
 		if (e && ct_refresh(fam, key, e, p, CT_DIR_ORIG, cfg, now) == CT_REFRESH_DONE)
 			return CT_VERDICT_PASS;
-		return ct_untracked(p, cfg);
+		return ct_untracked(p, cfg, 0);
 	}
-	if (c == CT_CREATE_FULL)
+	if (c == CT_CREATE_FULL) {
 		ct_stat_inc(CT_STAT_TABLE_FULL);
-	else
-		ct_stat_inc(CT_STAT_INVALID); /* e.g. RST or SYN/ACK of nothing */
-	return ct_untracked(p, cfg);
+		return ct_untracked(p, cfg, 1);
+	}
+	ct_stat_inc(CT_STAT_INVALID); /* e.g. RST or SYN/ACK of nothing */
+	return ct_untracked(p, cfg, 0);
 }
 
 /* The datapath entry shared by XDP and tc. */
@@ -287,11 +293,11 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
 		return CT_VERDICT_PASS;
 	if (rc == CT_PARSE_FRAGMENT) {
 		ct_stat_inc(CT_STAT_FRAGMENTS);
-		return ct_untracked(&p, cfg);
+		return ct_untracked(&p, cfg, 0);
 	}
 	if (rc == CT_PARSE_OTHER) {
 		ct_stat_inc(CT_STAT_OTHER_L4);
-		return ct_untracked(&p, cfg);
+		return ct_untracked(&p, cfg, 0);
 	}
 	u64 now = bpf_ktime_get_ns();
 	if (p.family == 4)

@@ -81,8 +81,8 @@ static __always_inline int ct_parse_l4(void *l4, void *data_end, u8 proto, u32 l
 	}
 	if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		struct ct_icmp_echo *ic = l4;
-		if ((void *)(ic + 1) > data_end)
-			return CT_PARSE_INVALID;
+		if ((void *)(ic + 1) > data_end || (!frag && l4_len < sizeof(*ic)))
+			return CT_PARSE_INVALID; /* short, or the rest is Ethernet padding */
 		u8 req = proto == IPPROTO_ICMP ? 8 : 128;
 		u8 rep = proto == IPPROTO_ICMP ? 0 : 129;
 		if (ic->type != req && ic->type != rep)

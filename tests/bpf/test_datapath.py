@@ -395,10 +395,6 @@ def _v6(l4=UDP(sport=1, dport=2), payload=bytes(8), ext=(), **ip6) -> Pkt:
 
 ICMP4_SHORT = frame(l2() / IP(src=I4.src, dst=I4.dst, proto=1) / Raw(b"\x08\x00\xf7\xff"))
 ICMP6_SHORT = frame(l2() / IPv6(src=I6.src, dst=I6.dst, nh=58) / Raw(b"\x80\x00\x7f\xff"))
-SHORT_L4_REASON = (
-    "ct_parse.h ct_parse_l4: the ICMP/ICMPv6 branch checks the 8-byte echo header only "
-    "against data_end, never against l4_len, so an ICMP message shorter than an echo header "
-    "followed by Ethernet padding is tracked with an id read from the padding")
 
 MALFORMED_CASES = [
     malformed("empty frame", Pkt(b"")),
@@ -422,8 +418,7 @@ MALFORMED_CASES = [
     malformed("truncated ICMP echo header", ICMP4_SHORT),
     malformed("ICMP shorter than an echo header, Ethernet padding after it",
               frame(l2() / IP(src=I4.src, dst=I4.dst, proto=1) / Raw(b"\x08\x00\xf7\xff"),
-                    pad=b"\x12\x34\x00\x01" + bytes(22)),
-              xfail=SHORT_L4_REASON),
+                    pad=b"\x12\x34\x00\x01" + bytes(22))),
     malformed("truncated ICMPv6 echo header", ICMP6_SHORT),
     malformed("truncated IPv6 header", truncated(_v6(), ETH + 20)),
     malformed("IPv6 payload_len > frame", _v6(plen=1000)),
@@ -511,11 +506,6 @@ LIMIT_CASES = [
           DESTROY(TW, "TIME_WAIT", A | R, "fin", pkts=(4, 2)), NEW(TW, "SYN_SENT", gen=1)]),
 ]
 
-DROP_SCOPE_REASON = (
-    "ct_logic.h ct_handle/ct_track: with CT_CFG_DROP_UNTRACKED every untracked IP packet is "
-    "dropped (ct_untracked), not only those the full table could not take as ct_abi.h and "
-    "config.py document: later fragments, ICMP errors, IPv6 neighbour discovery, GRE, RSTs "
-    "and SYN/ACKs with no entry are dropped although the table has room")
 DROP_CFG = {"drop_untracked": True}
 RST_NONE = T4.orig("R")
 
@@ -527,7 +517,7 @@ DROP_CASES = [
          [_v4(ihl=4)], stats={"invalid": 1}, config=DROP_CFG),
 ] + [
     Case(f"drop_untracked, table not full: {what} passes", [pkt], stats=stats,
-         config=DROP_CFG, xfail=DROP_SCOPE_REASON)
+         config=DROP_CFG)
     for what, pkt, stats in [
         ("a later IPv4 fragment", V4_LATER_FRAG, untracked(V4_LATER_FRAG, fragments=1)),
         ("an ICMP error", OTHER_ICMP, untracked(OTHER_ICMP, other_l4=1)),
