@@ -20,7 +20,7 @@ from . import abi
 from .config import DatapathConfig
 from .errors import StreamerError
 from .events import Clock, Event
-from .loader import Datapath, acquire_lock, remove_pins
+from .loader import Datapath, acquire_lock, check_environment, remove_pins
 from .ringbuf import RingReader
 from .sweeper import Sweeper
 
@@ -68,6 +68,7 @@ class Session:
 
     async def _start(self) -> None:
         clock = Clock()
+        check_environment()  # before the lock, which needs root to make /run/ctstream
         self._stack.enter_context(acquire_lock(self.cfg.pin_dir))
         self.dp = Datapath(self.cfg)
         self._stack.callback(self._unpin)
