@@ -130,7 +130,7 @@ async def _record_all_traffic(pin_dir: str) -> Run:
 
 
 @pytest.fixture(scope="module")
-def run() -> Run:
+def run():
     pin_dir = private_pin_dir()
     try:
         yield asyncio.run(_record_all_traffic(pin_dir))
