@@ -35,6 +35,24 @@ class Clock:
         return mono_ns + self._offset
 
 
+def flow_text(x) -> str:
+    """The flow part of a line, shared by events and `ctstream list`: protocol,
+    TCP state, tuple (echo id for ICMP), VLAN, counters o/r, ASSURED."""
+    icmp = x.proto in ("icmp", "icmpv6")
+    parts = [x.proto.ljust(6)]
+    if x.state:
+        parts.append(x.state)
+    parts.append(f"src={x.src} dst={x.dst}")
+    parts.append(f"id={x.sport}" if icmp else f"sport={x.sport} dport={x.dport}")
+    if x.vlan:
+        parts.append(f"vlan={x.vlan}")
+    parts.append(f"packets={x.packets_orig}/{x.packets_reply}")
+    parts.append(f"bytes={x.bytes_orig}/{x.bytes_reply}")
+    if x.assured:
+        parts.append("[ASSURED]")
+    return " ".join(parts)
+
+
 @dataclass(slots=True)
 class Event:
     type: str            # NEW | UPDATE | DESTROY
@@ -94,17 +112,7 @@ class Event:
         return json.dumps(self.as_dict(), separators=(",", ":"))
 
     def text(self) -> str:
-        parts = [f"[{self.type}]".ljust(10), self.proto.ljust(6)]
-        if self.state:
-            parts.append(self.state)
-        parts.append(f"src={self.src} dst={self.dst}")
-        parts.append(f"id={self.sport}" if self.is_icmp else f"sport={self.sport} dport={self.dport}")
-        if self.vlan:
-            parts.append(f"vlan={self.vlan}")
-        parts.append(f"packets={self.packets_orig}/{self.packets_reply}")
-        parts.append(f"bytes={self.bytes_orig}/{self.bytes_reply}")
-        if self.assured:
-            parts.append("[ASSURED]")
+        parts = [f"[{self.type}]".ljust(10), flow_text(self)]
         if self.end_reason:
             parts.append(f"reason={self.end_reason}")
         parts.append(f"ct_id={self.ct_id} seq={self.seq}")

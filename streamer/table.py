@@ -10,15 +10,13 @@ import struct
 from dataclasses import dataclass
 
 from . import abi, bpfsys
+from .abi import _ntohs
 from .errors import NotAttachedError
+from .events import flow_text
 
 _KEY4 = struct.Struct(abi.KEY4.fmt)
 _KEY6 = struct.Struct(abi.KEY6.fmt)
 _ENTRY = struct.Struct(abi.ENTRY.fmt)
-
-
-def _ntohs(v: int) -> int:
-    return ((v & 0xFF) << 8) | (v >> 8)
 
 
 @dataclass
@@ -45,20 +43,7 @@ class Entry:
         return dict(self.__dict__)
 
     def text(self) -> str:
-        icmp = self.proto in ("icmp", "icmpv6")
-        parts = [self.proto.ljust(6)]
-        if self.state:
-            parts.append(self.state)
-        parts.append(f"src={self.src} dst={self.dst}")
-        parts.append(f"id={self.sport}" if icmp else f"sport={self.sport} dport={self.dport}")
-        if self.vlan:
-            parts.append(f"vlan={self.vlan}")
-        parts.append(f"packets={self.packets_orig}/{self.packets_reply}")
-        parts.append(f"bytes={self.bytes_orig}/{self.bytes_reply}")
-        if self.assured:
-            parts.append("[ASSURED]")
-        parts.append(f"idle={self.idle_s:.1f}s ct_id={self.ct_id}")
-        return " ".join(parts)
+        return f"{flow_text(self)} idle={self.idle_s:.1f}s ct_id={self.ct_id}"
 
 
 class PinnedTable:
