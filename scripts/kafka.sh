@@ -3,7 +3,8 @@
 # controller, no ZooKeeper) for ctstream's demo and tests, assembled from Maven
 # Central jars and run with the JDK. It listens on 127.0.0.1 only.
 #
-#   kafka.sh fetch                          jars into the cache (idempotent)
+#   kafka.sh fetch [--check]                jars into the cache (idempotent);
+#                                           --check: exit 1 if they are missing
 #   kafka.sh start [--dir DIR] [--port PORT] [--controller-port PORT]
 #                  [--timeout S] [--auto-create-topics]
 #                                           format, start, wait until it serves;
@@ -46,17 +47,26 @@ say() { echo "kafka: $*" >&2; }
 die() { echo "kafka: error: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '6,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '6,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
 # --- fetch --------------------------------------------------------------------
 # The stamp holds the pom's checksum: editing the pin re-resolves.
 cmd_fetch() {
-    local sum
+    local sum check=false
+    case ${1:-} in
+        --check) check=true ;;
+        "") ;;
+        *) usage ;;
+    esac
     sum=$(sha256sum "$POM" | cut -d' ' -f1)
     if [ -f "$LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$sum" ]; then
         return 0
+    fi
+    if $check; then
+        say "the jars of Kafka $KAFKA_VERSION are not in $LIBS (or the pom changed): run $0 fetch"
+        return 1
     fi
     command -v mvn >/dev/null || die "mvn not found (Debian: apt-get install maven; or run scripts/setup.sh)"
     mkdir -p "$CACHE"

@@ -8,6 +8,8 @@
 #   - bpffs mounted at /sys/fs/bpf
 #   - .venv from Debian's /usr/bin/python3 with --system-site-packages (bcc is
 #     not on PyPI), with the project installed editable with its test extras
+#   - the Kafka broker's jars from Maven Central (scripts/kafka.sh fetch), for
+#     the demo and tests/kafka
 #
 # Quiet: one line per step that does something; full apt/pip output goes to
 # .cache/setup.log, whose tail is printed on failure.
@@ -105,6 +107,13 @@ if ! mountpoint -q /sys/fs/bpf; then
     run mount -t bpf bpf /sys/fs/bpf
 fi
 
+# --- Kafka jars ---------------------------------------------------------------
+# kafka.sh keeps its own stamp (the pom's checksum): quick when nothing changed.
+if ! scripts/kafka.sh fetch --check 2>/dev/null; then
+    say "fetching the Kafka broker's jars from Maven Central (scripts/kafka.sh fetch)"
+    run scripts/kafka.sh fetch
+fi
+
 # --- Python virtualenv --------------------------------------------------------
 venv_ok() {
     [ -x "$VENV/bin/python" ] &&
@@ -134,12 +143,12 @@ fi
 # --- final check --------------------------------------------------------------
 check_imports() {
     echo "+ import check" >>"$LOG"
-    "$VENV/bin/python" -c 'import bcc, pyroute2, msgpack, aiokafka' >>"$LOG" 2>&1
+    "$VENV/bin/python" -c 'import bcc, pyroute2, msgpack, aiokafka, jsonschema' >>"$LOG" 2>&1
 }
 if ! check_imports; then
     # Something was uninstalled behind our back: reinstall once, then give up.
     pip_install
-    check_imports || fail ".venv/bin/python cannot import bcc, pyroute2, msgpack, aiokafka (try: make clean)"
+    check_imports || fail ".venv/bin/python cannot import bcc, pyroute2, msgpack, aiokafka, jsonschema (try: make clean)"
 fi
 
 trap - ERR
