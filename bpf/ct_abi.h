@@ -10,7 +10,7 @@
 #ifndef CT_ABI_H
 #define CT_ABI_H
 
-#define CT_ABI_VERSION 1
+#define CT_ABI_VERSION 2
 
 /* Event types (struct ct_event.type). */
 #define CT_EV_CREATE  1
@@ -44,6 +44,19 @@
 #define CT_END_FIN    2 /* closed by FIN */
 #define CT_END_RST    3 /* reset */
 #define CT_END_REUSE  4 /* tuple reused by a new SYN after close */
+#define CT_END_EARLY  5 /* dropped early under table pressure ("lack of resources") */
+
+/* Bits of struct ct_event.missed and of the entry's missed mask: event types
+ * that could not be written to the ring (1 << (type - 1)). */
+#define CT_MISSED_CREATE  0x01
+#define CT_MISSED_UPDATE  0x02
+#define CT_MISSED_DESTROY 0x04
+
+/* key.dying: 0 for a live connection; CT_KEY_DYING | generation for its copy
+ * in the dying outbox (a connection whose DESTROY awaits the daemon's ack).
+ * The generation lets a tuple that is reused quickly have several copies. */
+#define CT_KEY_DYING      0x80
+#define CT_OUTBOX_TRIES   4    /* generations tried before giving up */
 
 /* TCP flag bits as they stand in the TCP header's flags byte. */
 #define CT_TCP_FIN 0x01
@@ -77,13 +90,29 @@
 #define CT_STAT_RESCHEDULED     12 /* sweeper: entry refreshed, moved on */
 #define CT_STAT_SWEPT           13 /* sweeper: index records examined */
 #define CT_STAT_OTHER_L4        14 /* IP but not TCP/UDP/ICMP echo */
-#define CT_STAT__MAX            16
+#define CT_STAT_MISSED_SENT     15 /* events that carried missed bits (re-delivery) */
+#define CT_STAT_RETRIES         16 /* DESTROYs emitted again from the outbox */
+#define CT_STAT_EARLY_DROPS     17 /* unassured entries dropped under pressure */
+#define CT_STAT_ACKED           18 /* outbox entries removed by the daemon's ack */
+#define CT_STAT_ACK_STALE       19 /* acks that matched nothing (late or duplicate) */
+#define CT_STAT_OUTBOX_FULL     20 /* no outbox generation free: DESTROY sent once, unguarded */
+#define CT_STAT__MAX            24
 
 /* Sentinel in ct_entry.last_ns: the sweeper has claimed the entry. */
 #define CT_DEAD 0xffffffffffffffffULL
 
 /* Expiry index granularity: one slot is 2^30 ns (about 1.07 s). */
 #define CT_SLOT_SHIFT 30
+
+/* ct_entry.sched, high half. Bits 56-63: the missed mask (CT_MISSED_*).
+ * Live entry: bits 32-55 the slot of the last periodic UPDATE (24 bits,
+ * compared modulo 2^24). Outbox copy: bits 48-55 the end reason, bits 32-47
+ * the retries so far. */
+#define CT_SCHED_MISSED_SHIFT 56
+#define CT_SCHED_MISSED_MASK  (0xffULL << CT_SCHED_MISSED_SHIFT)
+#define CT_SCHED_REPORT_MASK  0xffffffU  /* of the high half */
+#define CT_SCHED_REASON_SHIFT 48
+#define CT_SCHED_RETRY_MASK   0xffffULL  /* of the high half */
 
 /* IPv4 connection key, original direction. 16 bytes. */
 struct ct_key4 {
@@ -92,7 +121,7 @@ struct ct_key4 {
 	__u16 sport;  /* network byte order; ICMP: echo id */
 	__u16 dport;
 	__u8  proto;
-	__u8  _pad0;
+	__u8  dying;  /* 0, or CT_KEY_DYING | generation: the outbox copy */
 	__u16 vlan;   /* 802.1Q VLAN id of the outer tag, 0 if untagged */
 };
 
@@ -103,7 +132,7 @@ struct ct_key6 {
 	__u16 sport;
 	__u16 dport;
 	__u8  proto;
-	__u8  _pad0;
+	__u8  dying;
 	__u16 vlan;
 };
 
@@ -124,9 +153,10 @@ struct ct_entry {
 	__u64 pkts[2];     /* [CT_DIR_ORIG], [CT_DIR_REPLY]; L3 packets */
 	__u64 bytes[2];    /* L3 bytes: IP header and payload */
 	__u64 status_seq;  /* low 32: state | flags << 8 | tcpfl_orig << 16 | tcpfl_reply << 24;
-			    * high 32: next event sequence number */
+			    * high 32: next event sequence number (an outbox copy:
+			    * its DESTROY's seq + 1) */
 	__u64 sched;       /* low 32: index slot that holds the entry;
-			    * high 32: slot of the last periodic UPDATE */
+			    * high 32: see CT_SCHED_* above */
 };
 
 /* The event written to the ring. 120 bytes. */
@@ -156,7 +186,8 @@ struct ct_event {
 	__u16 sport;       /* network byte order */
 	__u16 dport;
 	__u16 vlan;
-	__u16 _pad0;
+	__u8  dying;       /* the outbox key's dying byte: ack with it and ct_id */
+	__u8  retries;     /* DESTROY: times it was emitted before (saturates) */
 };
 
 /* Run-time configuration, one element in the ct_config array map. The daemon
@@ -164,26 +195,31 @@ struct ct_event {
 struct ct_config {
 	__u64 timeout_ns[CT_TO__MAX];
 	__u64 report_interval_ns;  /* periodic UPDATE of long flows; 0 = off */
-	__u32 table_limit;         /* live entries of both families together */
+	__u32 table_limit;         /* live + outbox entries of both families together */
 	__u32 flags;               /* CT_CFG_* */
-	__u64 _reserved[3];        /* room for later settings without an ABI bump */
+	__u64 grace_ns;            /* outbox: re-emit an unacked DESTROY after
+				    * uniform [grace/2, grace] */
+	__u32 early_low;           /* early drop stops at this many live entries */
+	__u32 _pad0;
+	__u64 _reserved;
 };
 
 #define CT_CFG_DROP_UNTRACKED 0x1  /* drop, rather than pass, when the table is full */
 
-/* Global state, one element in the ct_global array map. 32 bytes. */
+/* Global state, one element in the ct_global array map. 48 bytes. */
 struct ct_global {
 	__u64 next_ct_id;          /* seeded by the daemon with wall-clock ns */
-	__u64 entries;             /* live entries of both families */
+	__u64 entries;             /* live + outbox entries of both families */
 	__u32 cursor[2];           /* sweeper: next slot to process, [0]=v4 [1]=v6 */
-	__u64 _reserved;
+	__u64 dying;               /* outbox entries (part of entries) */
+	__u64 early[2];            /* early drop position: slot << 32 | record */
 };
 
 /* Expiry index ("timing wheel"). Entries are filed under the slot in which
  * they are due to expire, in chunks of keys; a slot's record counts how many
  * positions were handed out and how many the sweeper has consumed. */
-#define CT_WHEEL4_PER_CHUNK 16
-#define CT_WHEEL6_PER_CHUNK 8
+#define CT_WHEEL4_PER_CHUNK 64
+#define CT_WHEEL6_PER_CHUNK 16
 
 struct ct_wheel_slot_key {
 	__u32 slot;
@@ -210,13 +246,32 @@ struct ct_wheel_chunk6 {
 	struct ct_key6 keys[CT_WHEEL6_PER_CHUNK];
 };
 
-/* Sweeper input: the packet handed to BPF_PROG_TEST_RUN. */
+/* Sweeper and early-drop input: the packet handed to BPF_PROG_TEST_RUN. */
 struct ct_sweep_req {
 	__u8  family;   /* in: 4 or 6 */
 	__u8  _pad0[3];
 	__u32 budget;   /* in: index records to examine per run, at most CT_SWEEP_BATCH */
-	__u32 pending;  /* out: slots due but not yet done after this run */
-	__u32 _pad1;    /* an XDP test packet must hold at least an Ethernet header */
+	__u32 pending;  /* out: sweeper: slots due but not yet done after this run;
+			 * early drop: entries dropped by this run */
+	__u32 horizon;  /* in, early drop: slots ahead of now to look at */
+};
+
+/* Ack input: a header and up to CT_ACK_BATCH records of one family. */
+#define CT_ACK_BATCH 64
+
+struct ct_ack_hdr {
+	__u32 count;    /* in: records that follow */
+	__u32 acked;    /* out: outbox entries removed */
+};
+
+struct ct_ack4 {
+	struct ct_key4 key;  /* the outbox key (dying byte from the event) */
+	__u64 ct_id;         /* must match, or nothing is removed */
+};
+
+struct ct_ack6 {
+	struct ct_key6 key;
+	__u64 ct_id;
 };
 
 _Static_assert(sizeof(struct ct_key4) == 16, "ct_key4 size");
@@ -224,9 +279,12 @@ _Static_assert(sizeof(struct ct_key6) == 40, "ct_key6 size");
 _Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
 _Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
 _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
-_Static_assert(sizeof(struct ct_global) == 32, "ct_global size");
-_Static_assert(sizeof(struct ct_wheel_chunk4) == 264, "ct_wheel_chunk4 size");
-_Static_assert(sizeof(struct ct_wheel_chunk6) == 328, "ct_wheel_chunk6 size");
+_Static_assert(sizeof(struct ct_global) == 48, "ct_global size");
+_Static_assert(sizeof(struct ct_wheel_chunk4) == 1032, "ct_wheel_chunk4 size");
+_Static_assert(sizeof(struct ct_wheel_chunk6) == 648, "ct_wheel_chunk6 size");
 _Static_assert(sizeof(struct ct_sweep_req) == 16, "ct_sweep_req size");
+_Static_assert(sizeof(struct ct_ack_hdr) == 8, "ct_ack_hdr size");
+_Static_assert(sizeof(struct ct_ack4) == 24, "ct_ack4 size");
+_Static_assert(sizeof(struct ct_ack6) == 48, "ct_ack6 size");
 
 #endif /* CT_ABI_H */

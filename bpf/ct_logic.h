@@ -119,7 +119,7 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 	    (p->tcp_flags & (CT_TCP_SYN | CT_TCP_ACK | CT_TCP_RST)) == CT_TCP_SYN) {
 		if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last)
 			return CT_REFRESH_UNTRACKED;
-		ct_destroy(fam, key, e, last, ct_end_reason(proto, state), now);
+		ct_destroy(fam, key, e, last, ct_end_reason(proto, state), cfg, now);
 		return CT_REFRESH_RESTART;
 	}
 
@@ -140,7 +140,13 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 		u32 sched = ct_sched_slot(e);
 		if (due < sched)
 			ct_reschedule(fam, key, e, sched, due);
-		ct_emit(CT_EV_UPDATE, fam, key, e, next, CT_END_NONE, now, now);
+		ct_emit(CT_EV_UPDATE, fam, key, e, next, ct_next_seq(e), CT_END_NONE, 0, now, now);
+		return CT_REFRESH_DONE;
+	}
+
+	/* Events were lost to a full ring: the next packet re-delivers them. */
+	if (e->sched & CT_SCHED_MISSED_MASK) {
+		ct_emit(CT_EV_UPDATE, fam, key, e, next, ct_next_seq(e), CT_END_NONE, 0, now, now);
 		return CT_REFRESH_DONE;
 	}
 
@@ -149,10 +155,12 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 		u32 ivl = ivl_ns >> CT_SLOT_SHIFT;
 		if (!ivl)
 			ivl = 1;
-		u32 reported = e->sched >> 32;
-		u32 cur = ct_slot(now);
-		if (cur - reported >= ivl && ct_swap_half(&e->sched, 1, reported, cur))
-			ct_emit(CT_EV_UPDATE, fam, key, e, next, CT_END_NONE, now, now);
+		u32 hi = e->sched >> 32;
+		u32 reported = hi & CT_SCHED_REPORT_MASK;
+		u32 cur = ct_slot(now) & CT_SCHED_REPORT_MASK;
+		if (((cur - reported) & CT_SCHED_REPORT_MASK) >= ivl &&
+		    ct_swap_half(&e->sched, 1, hi, (hi & ~CT_SCHED_REPORT_MASK) | cur))
+			ct_emit(CT_EV_UPDATE, fam, key, e, next, ct_next_seq(e), CT_END_NONE, 0, now, now);
 	}
 	return CT_REFRESH_DONE;
 }
@@ -211,7 +219,7 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	u32 status = CT_ST_MAKE(state, flags, p->tcp_flags, 0);
 	u32 due = ct_due_slot(now, ct_timeout(cfg, proto, state), now);
 	ne.status_seq = status;
-	ne.sched = due | ((u64)ct_slot(now) << 32);
+	ne.sched = due | ((u64)(ct_slot(now) & CT_SCHED_REPORT_MASK) << 32);
 	if (ct_tbl_insert(fam, key, &ne)) {
 		__sync_fetch_and_add(&g->entries, -1);
 		return ct_tbl_lookup(fam, key) ? CT_CREATE_RACE : CT_CREATE_FULL;
@@ -220,7 +228,7 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	ct_wheel_push(fam, key, due);
 	struct ct_entry *e = ct_tbl_lookup(fam, key);
 	if (e)
-		ct_emit(CT_EV_CREATE, fam, key, e, status, CT_END_NONE, now, now);
+		ct_emit(CT_EV_CREATE, fam, key, e, status, ct_next_seq(e), CT_END_NONE, 0, now, now);
 	return CT_CREATE_OK;
 }
 

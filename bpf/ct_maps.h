@@ -11,12 +11,15 @@
 #ifndef CT_PIN_DIR
 #error "CT_PIN_DIR must be defined (bpffs directory for the pinned maps)"
 #endif
+/* Map capacities: the table limit (IPv4) or the IPv6 cap, plus room for
+ * the moment in which an ending entry and its outbox copy both exist. */
 #ifndef CT_MAX4
 #define CT_MAX4 65536
 #endif
 #ifndef CT_MAX6
 #define CT_MAX6 65536
 #endif
+#define CT_MAP_SLACK 256
 #ifndef CT_RING_BYTES
 #define CT_RING_BYTES (1 << 20)
 #endif
@@ -37,11 +40,14 @@
 #define CT_WHEEL6_MAX (CT_MAX6 / (CT_WHEEL6_PER_CHUNK / 2) + 16384)
 #define CT_WHEEL_SLOTS_MAX 65536
 
-/* The connection tables: plain hash maps, never LRU, so that fresh
- * connections cannot evict established ones. No preallocation: memory follows
- * the number of live entries rather than the limit. */
-BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_entry, ct4, CT_MAX4, CT_PIN("ct4"), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_entry, ct6, CT_MAX6, CT_PIN("ct6"), BPF_F_NO_PREALLOC);
+/* The connection tables (live entries and the dying outbox): plain hash
+ * maps, never LRU, so that fresh connections cannot evict established ones.
+ * IPv4 is preallocated: its memory is committed at load (136 bytes per entry
+ * of the limit, plus 16 per hash bucket), and creating or ending an entry
+ * allocates nothing. IPv6 entries are allocated as they come, up to their
+ * own cap, so an IPv4 network pays for the IPv6 map's buckets only. */
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_entry, ct4, CT_MAX4 + CT_MAP_SLACK, CT_PIN("ct4"));
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_entry, ct6, CT_MAX6 + CT_MAP_SLACK, CT_PIN("ct6"), BPF_F_NO_PREALLOC);
 
 /* The expiry index. */
 BPF_TABLE_PINNED("hash", struct ct_wheel_slot_key, struct ct_wheel_slot, ct_wslots, CT_WHEEL_SLOTS_MAX, CT_PIN("ct_wslots"));
@@ -54,7 +60,9 @@ BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT__MAX, CT_PIN("ct_st
 
 /* Never written: the zeroed value a new index chunk starts from (too large
  * for the BPF stack next to everything else). */
-BPF_ARRAY(ct_zero, struct ct_wheel_chunk6, 1);
+BPF_ARRAY(ct_zero, struct ct_wheel_chunk4, 1);
+_Static_assert(sizeof(struct ct_wheel_chunk4) >= sizeof(struct ct_wheel_chunk6),
+	       "ct_zero must be as large as the largest chunk");
 
 /* The event ring. BCC's BPF_RINGBUF_OUTPUT cannot be pinned, so this spells
  * out the same table type with a pinned section. */

@@ -85,7 +85,7 @@ static __always_inline void ct_key_reverse(u32 fam, union ct_key *dst, union ct_
 		dst->k4.sport = src->k4.dport;
 		dst->k4.dport = src->k4.sport;
 		dst->k4.proto = src->k4.proto;
-		dst->k4._pad0 = 0;
+		dst->k4.dying = 0;
 		dst->k4.vlan = src->k4.vlan;
 	} else {
 		__builtin_memcpy(dst->k6.saddr, src->k6.daddr, 16);
@@ -93,7 +93,7 @@ static __always_inline void ct_key_reverse(u32 fam, union ct_key *dst, union ct_
 		dst->k6.sport = src->k6.dport;
 		dst->k6.dport = src->k6.sport;
 		dst->k6.proto = src->k6.proto;
-		dst->k6._pad0 = 0;
+		dst->k6.dying = 0;
 		dst->k6.vlan = src->k6.vlan;
 	}
 }
@@ -215,16 +215,37 @@ static __always_inline u8 ct_end_reason(u8 proto, u8 state)
 
 /* ---- events ------------------------------------------------------------- */
 
+static __always_inline u8 ct_key_dying(u32 fam, void *key)
+{
+	if (fam == 4)
+		return ((struct ct_key4 *)key)->dying;
+	return ((struct ct_key6 *)key)->dying;
+}
+
 /* Every event takes the entry's next seq, delivered or not, so a consumer
  * can see from the gaps how many events of a flow it missed. */
-static __always_inline void ct_emit(u8 type, u32 fam, void *key, struct ct_entry *e,
-				    u32 status, u8 reason, u64 last, u64 now)
+static __always_inline u32 ct_next_seq(struct ct_entry *e)
 {
-	u32 seq = __sync_fetch_and_add(&e->status_seq, 1ULL << 32) >> 32;
+	return __sync_fetch_and_add(&e->status_seq, 1ULL << 32) >> 32;
+}
+
+/* Write one event. 0 if it reached the ring. If the ring is full, the event
+ * type's bit goes into the entry's missed mask instead, and the next event
+ * that does reach the ring carries (and clears) the mask. */
+static __always_inline int ct_emit(u8 type, u32 fam, void *key, struct ct_entry *e,
+				   u32 status, u32 seq, u8 reason, u8 retries, u64 last, u64 now)
+{
 	struct ct_event *ev = ct_events.ringbuf_reserve(sizeof(struct ct_event));
 	if (!ev) {
+		__sync_fetch_and_or(&e->sched, (u64)(1U << ((type - 1) & 7)) << CT_SCHED_MISSED_SHIFT);
 		ct_stat_inc(CT_STAT_RING_FULL);
-		return;
+		return -1;
+	}
+	u8 missed = 0;
+	if (e->sched & CT_SCHED_MISSED_MASK) {
+		missed = __sync_fetch_and_and(&e->sched, ~CT_SCHED_MISSED_MASK) >> CT_SCHED_MISSED_SHIFT;
+		if (missed)
+			ct_stat_inc(CT_STAT_MISSED_SENT);
 	}
 	ev->type = type;
 	ev->version = CT_ABI_VERSION;
@@ -237,7 +258,7 @@ static __always_inline void ct_emit(u8 type, u32 fam, void *key, struct ct_entry
 	ev->ct_id = e->ct_id;
 	ev->seq = seq;
 	ev->end_reason = reason;
-	ev->missed = 0;
+	ev->missed = missed;
 	ev->ts_ns = now;
 	ev->first_ns = e->first_ns;
 	ev->last_ns = last;
@@ -245,7 +266,7 @@ static __always_inline void ct_emit(u8 type, u32 fam, void *key, struct ct_entry
 	ev->pkts_reply = e->pkts[CT_DIR_REPLY];
 	ev->bytes_orig = e->bytes[CT_DIR_ORIG];
 	ev->bytes_reply = e->bytes[CT_DIR_REPLY];
-	ev->_pad0 = 0;
+	ev->retries = retries;
 	if (fam == 4) {
 		struct ct_key4 *k = key;
 		__builtin_memset(ev->saddr, 0, 16);
@@ -256,6 +277,7 @@ static __always_inline void ct_emit(u8 type, u32 fam, void *key, struct ct_entry
 		ev->dport = k->dport;
 		ev->proto = k->proto;
 		ev->vlan = k->vlan;
+		ev->dying = k->dying;
 	} else {
 		struct ct_key6 *k = key;
 		__builtin_memcpy(ev->saddr, k->saddr, 16);
@@ -264,23 +286,86 @@ static __always_inline void ct_emit(u8 type, u32 fam, void *key, struct ct_entry
 		ev->dport = k->dport;
 		ev->proto = k->proto;
 		ev->vlan = k->vlan;
+		ev->dying = k->dying;
 	}
 	ct_events.ringbuf_submit(ev, 0);
 	ct_stat_inc(CT_STAT_EVENTS);
+	return 0;
+}
+
+/* ---- the dying outbox ---------------------------------------------------
+ *
+ * A connection that ends is not forgotten when its DESTROY is emitted: a
+ * copy of its entry moves to the outbox, which is the same hash map under the
+ * same tuple with key.dying set, so it shares the table's memory and its one
+ * limit (ct_global.entries counts it until the daemon acks it). Packets never
+ * build a key with dying set, so the tuple is free for a new connection at
+ * once. The copy is filed in the expiry index under a retry slot; if no ack
+ * came by then, the sweeper emits the DESTROY again (same seq, retries + 1).
+ */
+
+/* Uniform in [grace/2, grace] from now, and never before the next slot. */
+static __always_inline u32 ct_retry_slot(struct ct_config *cfg, u64 now)
+{
+	u64 half = cfg->grace_ns >> 1;
+	u64 jitter = half ? (u64)bpf_get_prandom_u32() % (half + 1) : 0;
+	return ct_due_slot(now, half + jitter, now);
 }
 
 /* The end of an entry whose last_ns this CPU swapped to CT_DEAD: nobody else
  * can be here for the same entry, so the delete below cannot remove a
  * different, newer connection. */
 static __always_inline void ct_destroy(u32 fam, void *key, struct ct_entry *e, u64 last,
-				       u8 reason, u64 now)
+				       u8 reason, struct ct_config *cfg, u64 now)
 {
-	ct_emit(CT_EV_DESTROY, fam, key, e, ct_status(e), reason, last, now);
-	ct_tbl_delete(fam, key);
-	struct ct_global *g = ct_glob();
-	if (g)
-		__sync_fetch_and_add(&g->entries, -1);
+	u32 seq = ct_next_seq(e);
+	u32 status = ct_status(e);
+	u32 slot = ct_retry_slot(cfg, now);
+	struct ct_entry d = *e;
+	d.last_ns = last;
+	d.sched = slot | (e->sched & CT_SCHED_MISSED_MASK) | ((u64)reason << CT_SCHED_REASON_SHIFT);
+
+	union ct_key dk = {};
+	u8 *dying;
+	if (fam == 4) {
+		__builtin_memcpy(&dk.k4, key, sizeof(struct ct_key4));
+		dying = &dk.k4.dying;
+	} else {
+		__builtin_memcpy(&dk.k6, key, sizeof(struct ct_key6));
+		dying = &dk.k6.dying;
+	}
+	int rc = -1;
+#pragma unroll
+	for (int i = 0; i < CT_OUTBOX_TRIES; i++) {
+		*dying = CT_KEY_DYING | ((e->ct_id + i) & 0x7f);
+		rc = ct_tbl_insert(fam, &dk, &d);
+		if (rc == 0)
+			break;
+	}
 	ct_stat_inc(CT_STAT_DESTROYED);
+	struct ct_global *g = ct_glob();
+	if (rc != 0) {
+		/* Every generation of this tuple is taken (or the map is out of
+		 * room): the DESTROY goes out once, without the outbox's guarantee. */
+		ct_stat_inc(CT_STAT_OUTBOX_FULL);
+		ct_emit(CT_EV_DESTROY, fam, key, e, status, seq, reason, 0, last, now);
+		ct_tbl_delete(fam, key);
+		if (g)
+			__sync_fetch_and_add(&g->entries, -1);
+		return;
+	}
+	ct_tbl_delete(fam, key);
+	if (g)
+		__sync_fetch_and_add(&g->dying, 1);
+	struct ct_entry *de = ct_tbl_lookup(fam, &dk);
+	if (!de)
+		return;
+	/* Until the event is out nobody can ack the copy: it is ours alone. */
+	if (ct_emit(CT_EV_DESTROY, fam, &dk, de, status, seq, reason, 0, last, now)) {
+		slot = ct_slot(now) + 1; /* never delivered: retry as soon as possible */
+		de->sched = (de->sched & ~0xffffffffULL) | slot;
+	}
+	ct_wheel_push(fam, &dk, slot);
 }
 
 #endif /* CT_TABLE_H */

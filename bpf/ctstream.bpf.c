@@ -24,3 +24,5 @@
 #include "xdp_ingress.c"
 #include "tc_egress.c"
 #include "sweeper.c"
+#include "early_drop.c"
+#include "outbox_ack.c"

@@ -11,8 +11,31 @@
  * the work per tick is bounded whatever the table size. A record whose entry
  * was refreshed is filed again under its new due slot; an entry that is due
  * is claimed by swapping its last_ns to CT_DEAD, which fails if a packet
- * refreshed it after we looked, and only the claimer destroys it.
+ * refreshed it after we looked, and only the claimer destroys it (moves it to
+ * the outbox). Outbox copies are filed in the same index under their retry
+ * slot.
  */
+
+/* An outbox copy whose retry slot came: no ack arrived, emit its DESTROY
+ * again (same seq) and file it under the next retry slot. The daemon runs
+ * sweeps and acks one at a time, so nobody else writes the copy now. */
+static __always_inline void ct_sweep_dying(u32 fam, void *key, struct ct_entry *e,
+					   struct ct_config *cfg, u64 now)
+{
+	u32 hi = e->sched >> 32;
+	u32 retries = hi & CT_SCHED_RETRY_MASK;
+	u8 reason = (hi >> (CT_SCHED_REASON_SHIFT - 32)) & 0xff;
+	u32 seq = (u32)(e->status_seq >> 32) - 1;
+	if (retries < CT_SCHED_RETRY_MASK)
+		retries++;
+	int rc = ct_emit(CT_EV_DESTROY, fam, key, e, ct_status(e), seq, reason,
+			 retries > 255 ? 255 : retries, e->last_ns, now);
+	ct_stat_inc(CT_STAT_RETRIES);
+	u32 due = rc ? ct_slot(now) + 1 : ct_retry_slot(cfg, now);
+	e->sched = (e->sched & CT_SCHED_MISSED_MASK) | ((u64)reason << CT_SCHED_REASON_SHIFT) |
+		   ((u64)retries << 32) | due;
+	ct_wheel_push(fam, key, due);
+}
 
 static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
 					   struct ct_config *cfg, u64 now)
@@ -20,13 +43,22 @@ static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
 	struct ct_entry *e = ct_tbl_lookup(fam, key);
 	if (!e || ct_sched_slot(e) != slot)
 		return; /* gone, or filed elsewhere since: a stale record */
+	if (ct_key_dying(fam, key)) {
+		ct_sweep_dying(fam, key, e, cfg, now);
+		return;
+	}
 	u64 last = e->last_ns;
 	if (last == CT_DEAD)
 		return;
 	u8 proto = ct_key_proto(fam, key);
-	u8 state = CT_ST_STATE(ct_status(e));
+	u32 status = ct_status(e);
+	u8 state = CT_ST_STATE(status);
 	u64 timeout = ct_timeout(cfg, proto, state);
 	if (last + timeout > now) {
+		/* Not due. Events a full ring swallowed go out now. */
+		if (e->sched & CT_SCHED_MISSED_MASK)
+			ct_emit(CT_EV_UPDATE, fam, key, e, status, ct_next_seq(e), CT_END_NONE, 0,
+				last, now);
 		ct_reschedule(fam, key, e, slot, ct_due_slot(last, timeout, now));
 		ct_stat_inc(CT_STAT_RESCHEDULED);
 		return;
@@ -36,7 +68,7 @@ static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
 		ct_stat_inc(CT_STAT_RESCHEDULED);
 		return;
 	}
-	ct_destroy(fam, key, e, last, ct_end_reason(proto, state), now);
+	ct_destroy(fam, key, e, last, ct_end_reason(proto, state), cfg, now);
 }
 
 /* Consume index record idx of slot; drop the chunk once its last record is

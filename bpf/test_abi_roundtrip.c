@@ -54,7 +54,8 @@ int rt_fill_event(struct xdp_md *ctx)
 	ev->sport = bpf_htons(0xc1c2);
 	ev->dport = bpf_htons(0xd1d2);
 	ev->vlan = 0x0e0f;
-	ev->_pad0 = 0;
+	ev->dying = 0x83;
+	ev->retries = 0x97;
 	rt_events.ringbuf_submit(ev, 0);
 	return XDP_PASS;
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 EV_CREATE, EV_UPDATE, EV_DESTROY = 1, 2, 3
 EVENT_NAMES = {EV_CREATE: "NEW", EV_UPDATE: "UPDATE", EV_DESTROY: "DESTROY"}
@@ -26,8 +26,12 @@ S_CLOSE_WAIT, S_LAST_ACK, S_TIME_WAIT, S_CLOSE = 5, 6, 7, 8
 
 F_ASSURED, F_SEEN_REPLY, F_FIN_REPLY, F_PICKUP = 0x01, 0x02, 0x04, 0x08
 
-END_NONE, END_IDLE, END_FIN, END_RST, END_REUSE = 0, 1, 2, 3, 4
-END_NAMES = {0: "none", 1: "idle", 2: "fin", 3: "rst", 4: "reuse"}
+END_NONE, END_IDLE, END_FIN, END_RST, END_REUSE, END_EARLY = 0, 1, 2, 3, 4, 5
+END_NAMES = {0: "none", 1: "idle", 2: "fin", 3: "rst", 4: "reuse", 5: "early"}
+
+MISSED_CREATE, MISSED_UPDATE, MISSED_DESTROY = 0x01, 0x02, 0x04
+KEY_DYING = 0x80
+OUTBOX_TRIES = 4
 
 TO_SYN, TO_EST, TO_FIN, TO_UDP, TO_ICMP, TO_OTHER = 0, 1, 2, 3, 4, 5
 TO_MAX = 8
@@ -36,15 +40,18 @@ CFG_DROP_UNTRACKED = 0x1
 
 DEAD = 0xFFFFFFFFFFFFFFFF
 SLOT_SHIFT = 30
-WHEEL4_PER_CHUNK, WHEEL6_PER_CHUNK = 16, 8
+SCHED_MISSED_SHIFT, SCHED_REASON_SHIFT = 56, 48
+WHEEL4_PER_CHUNK, WHEEL6_PER_CHUNK = 64, 16
+ACK_BATCH = 64
 
 # Per-CPU counters, in index order (bpf/ct_abi.h CT_STAT_*).
 STAT_NAMES = (
     "packets", "invalid", "ring_full", "table_full", "created", "destroyed",
     "fragments", "untracked_packets", "untracked_bytes", "not_ip", "events",
-    "wheel_full", "rescheduled", "swept", "other_l4",
+    "wheel_full", "rescheduled", "swept", "other_l4", "missed_redelivered",
+    "destroy_retries", "early_drops", "acked", "ack_stale", "outbox_full",
 )
-STAT_MAX = 16
+STAT_MAX = 24
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 
@@ -75,11 +82,11 @@ class Layout:
 
 KEY4 = Layout("ct_key4", (
     ("saddr", "4s"), ("daddr", "4s"), ("sport", "H"), ("dport", "H"),
-    ("proto", "B"), ("_pad0", "B"), ("vlan", "H"),
+    ("proto", "B"), ("dying", "B"), ("vlan", "H"),
 ))
 KEY6 = Layout("ct_key6", (
     ("saddr", "16s"), ("daddr", "16s"), ("sport", "H"), ("dport", "H"),
-    ("proto", "B"), ("_pad0", "B"), ("vlan", "H"),
+    ("proto", "B"), ("dying", "B"), ("vlan", "H"),
 ))
 ENTRY = Layout("ct_entry", (
     ("ct_id", "Q"), ("first_ns", "Q"), ("last_ns", "Q"),
@@ -91,19 +98,23 @@ EVENT = Layout("ct_event", (
     ("missed", "B"), ("tcp_flags_orig", "B"), ("tcp_flags_reply", "B"), ("ts_ns", "Q"),
     ("first_ns", "Q"), ("last_ns", "Q"), ("pkts_orig", "Q"), ("pkts_reply", "Q"),
     ("bytes_orig", "Q"), ("bytes_reply", "Q"), ("saddr", "16s"), ("daddr", "16s"),
-    ("sport", "H"), ("dport", "H"), ("vlan", "H"), ("_pad0", "H"),
+    ("sport", "H"), ("dport", "H"), ("vlan", "H"), ("dying", "B"), ("retries", "B"),
 ))
 CONFIG = Layout("ct_config", (
     ("timeout_ns", f"{TO_MAX}Q"), ("report_interval_ns", "Q"), ("table_limit", "I"),
-    ("flags", "I"), ("_reserved", "3Q"),
+    ("flags", "I"), ("grace_ns", "Q"), ("early_low", "I"), ("_pad0", "I"),
+    ("_reserved", "Q"),
 ))
 GLOBAL = Layout("ct_global", (
-    ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("_reserved", "Q"),
+    ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
 ))
 SWEEP_REQ = Layout("ct_sweep_req", (
-    ("family", "B"), ("_pad0", "3s"), ("budget", "I"), ("pending", "I"), ("_pad1", "I"),
+    ("family", "B"), ("_pad0", "3s"), ("budget", "I"), ("pending", "I"), ("horizon", "I"),
 ))
-LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ)
+ACK_HDR = Layout("ct_ack_hdr", (("count", "I"), ("acked", "I")))
+ACK4 = Layout("ct_ack4", (("key", f"{KEY4.size}s"), ("ct_id", "Q")))
+ACK6 = Layout("ct_ack6", (("key", f"{KEY6.size}s"), ("ct_id", "Q")))
+LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ, ACK_HDR, ACK4, ACK6)
 
 _EVENT = struct.Struct(EVENT.fmt)
 EVENT_SIZE = _EVENT.size
@@ -141,6 +152,14 @@ class RawEvent:
     sport: int
     dport: int
     vlan: int
+    dying: int = 0
+    retries: int = 0
+
+    def outbox_key(self) -> bytes:
+        """The key of this DESTROY's outbox copy (what an ack names)."""
+        layout = KEY4 if self.family == 4 else KEY6
+        return struct.pack(layout.fmt, self.saddr, self.daddr, _ntohs(self.sport),
+                           _ntohs(self.dport), self.proto, self.dying, self.vlan)
 
 
 def decode_event(buf) -> RawEvent:
@@ -149,7 +168,7 @@ def decode_event(buf) -> RawEvent:
         raise _abi_error(f"event record of {len(buf)} bytes is too short")
     (etype, version, length, family, proto, state, flags, ct_id, seq, end_reason,
      missed, tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br, saddr, daddr,
-     sport, dport, vlan, _pad) = _EVENT.unpack_from(buf) if len(buf) >= EVENT_SIZE else _short(buf)
+     sport, dport, vlan, dying, retries) = _EVENT.unpack_from(buf) if len(buf) >= EVENT_SIZE else _short(buf)
     if version != ABI_VERSION:
         raise _abi_error(f"event ABI version {version}, this ctstream knows {ABI_VERSION}")
     if length != EVENT_SIZE:
@@ -161,7 +180,8 @@ def decode_event(buf) -> RawEvent:
     alen = 4 if family == 4 else 16
     return RawEvent(etype, family, proto, state, flags, ct_id, seq, end_reason, missed,
                     tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br,
-                    saddr[:alen], daddr[:alen], _ntohs(sport), _ntohs(dport), vlan)
+                    saddr[:alen], daddr[:alen], _ntohs(sport), _ntohs(dport), vlan,
+                    dying, retries)
 
 
 def _short(buf):
@@ -174,20 +194,43 @@ def _abi_error(msg: str):
 
 
 def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: int,
-                flags: int) -> bytes:
+                flags: int, grace_ns: int = 15_000_000_000, early_low: int = 0) -> bytes:
     to = list(timeouts_ns) + [0] * (TO_MAX - len(timeouts_ns))
-    return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, 0, 0, 0)
+    return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, grace_ns,
+                       early_low, 0, 0)
 
 
 def unpack_global(buf: bytes) -> dict:
-    next_id, entries, c4, c6, _ = struct.unpack(GLOBAL.fmt, buf[:GLOBAL.size])
-    return {"next_ct_id": next_id, "entries": entries, "cursor4": c4, "cursor6": c6}
+    next_id, entries, c4, c6, dying, e4, e6 = struct.unpack(GLOBAL.fmt, buf[:GLOBAL.size])
+    return {"next_ct_id": next_id, "entries": entries, "cursor4": c4, "cursor6": c6,
+            "dying": dying, "early4": e4, "early6": e6}
 
 
-def pack_sweep_req(family: int, budget: int) -> bytes:
-    return struct.pack(SWEEP_REQ.fmt, family, b"\0\0\0", budget, 0, 0)
+def pack_global(g: dict) -> bytes:
+    return struct.pack(GLOBAL.fmt, g["next_ct_id"], g["entries"], g["cursor4"], g["cursor6"],
+                       g["dying"], g["early4"], g["early6"])
+
+
+def pack_sweep_req(family: int, budget: int, horizon: int = 0) -> bytes:
+    return struct.pack(SWEEP_REQ.fmt, family, b"\0\0\0", budget, 0, horizon)
 
 
 def unpack_sweep_req(buf: bytes) -> dict:
-    family, _, budget, pending, _ = struct.unpack(SWEEP_REQ.fmt, buf[:SWEEP_REQ.size])
-    return {"family": family, "budget": budget, "pending": pending}
+    family, _, budget, pending, horizon = struct.unpack(SWEEP_REQ.fmt, buf[:SWEEP_REQ.size])
+    return {"family": family, "budget": budget, "pending": pending, "horizon": horizon}
+
+
+def pack_acks(family: int, acks: list[tuple[bytes, int]]) -> bytes:
+    """An ack request: (outbox key, ct_id) pairs of one family, at most
+    ACK_BATCH of them."""
+    if len(acks) > ACK_BATCH:
+        raise ValueError(f"at most {ACK_BATCH} acks per request, got {len(acks)}")
+    rec = struct.Struct(ACK4.fmt if family == 4 else ACK6.fmt)
+    body = b"".join(rec.pack(key, ct_id) for key, ct_id in acks)
+    out = struct.pack(ACK_HDR.fmt, len(acks), 0) + body
+    return out + b"\0" * max(0, 14 - len(out))  # a test packet holds an Ethernet header
+
+
+def unpack_ack_hdr(buf: bytes) -> dict:
+    count, acked = struct.unpack_from(ACK_HDR.fmt, buf)
+    return {"count": count, "acked": acked}

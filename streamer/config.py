@@ -65,6 +65,24 @@ class DatapathConfig:
     drop_untracked: bool = False         # table full: drop instead of pass
     xdp_mode: str = "auto"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    grace: float = 15.0                  # outbox: re-emit an unacked DESTROY after [grace/2, grace]
+    early_drop_high: float = 0.90        # fill (live + outbox) that starts early drop
+    early_drop_low: float = 0.80         # live fill at which early drop stops
+    ipv6_limit: int | None = None        # IPv6 entries at most; None: see ipv6_capacity()
+
+    def ipv6_capacity(self) -> int:
+        """The IPv6 map's capacity. Each place costs a 16-byte hash bucket
+        whether used or not, so by default IPv6 may fill a quarter of a large
+        table (at least 65,536 entries, or the whole of a smaller table)."""
+        if self.ipv6_limit is not None:
+            return self.ipv6_limit
+        return min(self.table_limit, max(self.table_limit // 4, 65_536))
+
+    def early_high_entries(self) -> int:
+        return int(self.table_limit * self.early_drop_high)
+
+    def early_low_entries(self) -> int:
+        return int(self.table_limit * self.early_drop_low)
 
     def validate(self) -> "DatapathConfig":
         self.timeouts.validate()
@@ -83,6 +101,18 @@ class DatapathConfig:
         if not _finite(self.sweep_interval) or not 0.01 <= self.sweep_interval <= 10:
             raise ConfigError(f"sweep interval must be in [0.01, 10] s, got {self.sweep_interval!r}")
         _int_in("sweep budget", self.sweep_budget, 1, 100_000_000)
+        if not _finite(self.grace) or not 2.0 <= self.grace <= 3600:
+            raise ConfigError(f"grace must be seconds in [2, 3600] (the index counts in ~1 s slots), "
+                              f"got {self.grace!r}")
+        for name in ("early_drop_high", "early_drop_low"):
+            v = getattr(self, name)
+            if not _finite(v) or not 0 < v <= 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be a fraction in (0, 1], got {v!r}")
+        if self.early_drop_low >= self.early_drop_high:
+            raise ConfigError(f"early drop low watermark ({self.early_drop_low}) must be below the "
+                              f"high one ({self.early_drop_high})")
+        if self.ipv6_limit is not None:
+            _int_in("IPv6 limit", self.ipv6_limit, 16, self.table_limit)
         if self.xdp_mode not in XDP_MODES:
             raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}")
         return self
@@ -90,7 +120,8 @@ class DatapathConfig:
     def map_config_bytes(self) -> bytes:
         flags = abi.CFG_DROP_UNTRACKED if self.drop_untracked else 0
         return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
-                               self.table_limit, flags)
+                               self.table_limit, flags, grace_ns=_ns(self.grace),
+                               early_low=self.early_low_entries())
 
 
 def _finite(v) -> bool:

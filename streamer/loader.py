@@ -33,7 +33,8 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 TC_EGRESS_PARENT = "ffff:fff3"
 TC_PRIO = 49152  # tc's default first priority; our filter is found by name
 
-PROGRAMS = ("ct_xdp_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6")
+PROGRAMS = ("ct_xdp_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6",
+            "ct_early4", "ct_early6", "ct_ack4", "ct_ack6")
 
 _INCLUDE = re.compile(r'\s*#\s*include\s+"([A-Za-z0-9_.]+)"\s*$')
 
@@ -65,7 +66,7 @@ def cflags(cfg: DatapathConfig, bpf_dir: Path = BPF_DIR) -> list[str]:
         f"-I{bpf_dir}",
         f'-DCT_PIN_DIR="{cfg.pin_dir}"',  # validated: /sys/fs/bpf/[A-Za-z0-9_.-/]+
         f"-DCT_MAX4={int(cfg.table_limit)}",
-        f"-DCT_MAX6={int(cfg.table_limit)}",
+        f"-DCT_MAX6={int(cfg.ipv6_capacity())}",
         f"-DCT_RING_BYTES={int(cfg.ring_bytes)}",
         "-Wno-unused-function",
     ]
@@ -138,12 +139,9 @@ class Datapath:
         os.makedirs(self.cfg.pin_dir, mode=0o700, exist_ok=True)
         try:
             self.bpf = BPF(text=expand_source(), cflags=cflags(self.cfg))
-            self.progs = {
-                "ct_xdp_ingress": self.bpf.load_func("ct_xdp_ingress", BPF.XDP),
-                "ct_tc_egress": self.bpf.load_func("ct_tc_egress", BPF.SCHED_CLS),
-                "ct_sweep4": self.bpf.load_func("ct_sweep4", BPF.SCHED_CLS),
-                "ct_sweep6": self.bpf.load_func("ct_sweep6", BPF.SCHED_CLS),
-            }
+            self.progs = {name: self.bpf.load_func(
+                name, BPF.XDP if name == "ct_xdp_ingress" else BPF.SCHED_CLS)
+                for name in PROGRAMS}
         except Exception as exc:  # BCC raises bare Exception
             hint = ""
             if self.adopted:

@@ -279,15 +279,43 @@ class Bench:
     def glob(self) -> dict:
         return self.dp.global_state()
 
-    def table(self, family: int) -> dict[bytes, EntryView]:
+    def table(self, family: int, dying: bool = False) -> dict[bytes, EntryView]:
+        """Live entries by key; with dying=True the outbox copies instead."""
         name, ksz = ("ct4", abi.KEY4.size) if family == 4 else ("ct6", abi.KEY6.size)
+        dying_at = abi.KEY4.offsets()["dying"] if family == 4 else abi.KEY6.offsets()["dying"]
         fd = self.dp.fd(name)
         out = {}
         for k in set(bpfsys.map_keys(fd, ksz)):
+            if bool(k[dying_at] & abi.KEY_DYING) != dying:
+                continue
             raw = bpfsys.map_lookup(fd, k, abi.ENTRY.size)
             if raw is not None:
                 out[k] = EntryView.decode(raw)
         return out
+
+    def outbox(self, family: int) -> dict[bytes, EntryView]:
+        return self.table(family, dying=True)
+
+    def ack(self, events: list[abi.RawEvent], ct_id_delta: int = 0) -> int:
+        """Ack DESTROY events as the daemon does; returns how many outbox
+        copies went. ct_id_delta names a wrong ct_id on purpose."""
+        acked = 0
+        for family in (4, 6):
+            acks = [(ev.outbox_key(), ev.ct_id + ct_id_delta) for ev in events
+                    if ev.family == family and ev.type == abi.EV_DESTROY]
+            prog = self.dp.prog_fd("ct_ack4" if family == 4 else "ct_ack6")
+            for i in range(0, len(acks), abi.ACK_BATCH):
+                retval, _, out = bpfsys.test_run(prog, abi.pack_acks(family, acks[i:i + abi.ACK_BATCH]))
+                assert retval == TC_ACT_OK
+                acked += abi.unpack_ack_hdr(out)["acked"]
+        return acked
+
+    def early_drop(self, family: int, budget: int = 2, repeat: int = 1, horizon: int = 64) -> dict:
+        prog = "ct_early4" if family == 4 else "ct_early6"
+        retval, _, out = bpfsys.test_run(self.dp.prog_fd(prog),
+                                         abi.pack_sweep_req(family, budget, horizon), repeat)
+        assert retval == TC_ACT_OK, f"{prog} returned {retval}"
+        return abi.unpack_sweep_req(out)
 
     def entry(self, flow: Flow) -> EntryView | None:
         raw = bpfsys.map_lookup(self.dp.fd("ct6" if flow.family == 6 else "ct4"),
@@ -349,8 +377,8 @@ class Bench:
             bpfsys.map_update(fd, i.to_bytes(4, "little"), b"\0" * 8 * self.ncpu)
         # Cursors as the loader seeds them for a new table: two slots back.
         g, start = self.glob(), monotonic_slot() - 2
-        bpfsys.map_update(self.dp.fd("ct_global"), b"\0" * 4,
-                          struct.pack(abi.GLOBAL.fmt, g["next_ct_id"], 0, start, start, 0))
+        g.update(entries=0, cursor4=start, cursor6=start, dying=0, early4=0, early6=0)
+        bpfsys.map_update(self.dp.fd("ct_global"), b"\0" * 4, abi.pack_global(g))
         self.dp.cfg = replace(self._cfg0, timeouts=replace(self._cfg0.timeouts))
         self.dp.configure()
         self.events()

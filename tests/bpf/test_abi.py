@@ -26,9 +26,11 @@ ABI_HEADER = BPF_DIR / "ct_abi.h"
 
 # Python name -> C name where the two do not follow the CT_<NAME> rule.
 _RENAMED = {"TO_MAX": "CT_TO__MAX", "STAT_MAX": "CT_STAT__MAX"}
-_STAT_RENAMED = {"untracked_packets": "UNTRACKED_PKTS"}
+_STAT_RENAMED = {"untracked_packets": "UNTRACKED_PKTS", "missed_redelivered": "MISSED_SENT",
+                 "destroy_retries": "RETRIES"}
 _CONST_PREFIXES = ("EV_", "DIR_", "S_", "F_", "END_", "TO_", "CFG_", "STAT_MAX",
-                   "ABI_VERSION", "DEAD", "SLOT_SHIFT", "WHEEL")
+                   "ABI_VERSION", "DEAD", "SLOT_SHIFT", "WHEEL", "MISSED_", "KEY_DYING",
+                   "OUTBOX_TRIES", "ACK_BATCH", "SCHED_MISSED_SHIFT", "SCHED_REASON_SHIFT")
 
 
 def _c_constants() -> dict[str, int]:
@@ -88,7 +90,7 @@ def test_layouts_and_constants_match_the_header():
     text = static_asserts()
     n_fields = sum(len(lay.fields) for lay in abi.LAYOUTS + INDEX_LAYOUTS)
     assert text.count("__builtin_offsetof") == n_fields
-    assert len(abi.LAYOUTS) == 7  # a layout added to abi.py is checked too
+    assert len(abi.LAYOUTS) == 10  # a layout added to abi.py is checked too
     compile_with_header(text)
 
 
@@ -97,7 +99,8 @@ def test_every_c_constant_has_a_python_mirror():
     does not name would be invisible to the daemon."""
     header = ABI_HEADER.read_text()
     mirrored = set(_c_constants())
-    groups = ("CT_EV_", "CT_S_", "CT_F_", "CT_END_", "CT_TO_", "CT_STAT_", "CT_DIR_")
+    groups = ("CT_EV_", "CT_S_", "CT_F_", "CT_END_", "CT_TO_", "CT_STAT_", "CT_DIR_",
+              "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_")
     defined = {m for m in re.findall(r"^#define\s+(CT_[A-Z0-9_]+)\s", header, re.M)
                if m.startswith(groups)}
     assert defined, "no constants found in ct_abi.h"
@@ -133,7 +136,7 @@ def test_a_wrong_size_or_constant_fails_to_compile(capfd):
 EXPECTED = dict(
     type=abi.EV_DESTROY, proto=0x84, state=abi.S_LAST_ACK,
     flags=abi.F_ASSURED | abi.F_SEEN_REPLY | abi.F_PICKUP,
-    ct_id=0x0102030405060708, seq=0x11121314, end_reason=abi.END_REUSE, missed=0x25,
+    ct_id=0x0102030405060708, seq=0x11121314, end_reason=abi.END_REUSE, missed=0x25, dying=0x83, retries=0x97,
     tcp_flags_orig=0x1B, tcp_flags_reply=0x2D,
     ts_ns=0x2122232425262728, first_ns=0x3132333435363738, last_ns=0x4142434445464748,
     pkts_orig=0x5152535455565758, pkts_reply=0x6162636465666768,
@@ -187,7 +190,7 @@ def test_every_event_field_survives_the_round_trip(roundtrip, family):
     assert raw[offs["version"]] == abi.ABI_VERSION
     assert struct.unpack_from("<H", raw, offs["len"])[0] == abi.EVENT.size
     assert raw[offs["sport"]:offs["sport"] + 2] == b"\xc1\xc2"  # network byte order
-    assert raw[offs["_pad0"]:] == b"\0\0"
+    assert raw[offs["dying"]:] == b"\x83\x97"
 
 
 # ---- the decoder rejects what it does not know ---------------------------------
@@ -198,7 +201,7 @@ def _event(**over) -> bytes:
              tcp_flags_orig=2, tcp_flags_reply=0, ts_ns=1, first_ns=1, last_ns=1,
              pkts_orig=1, pkts_reply=0, bytes_orig=60, bytes_reply=0,
              saddr=bytes([10, 0, 0, 1]) + bytes(12), daddr=bytes([10, 0, 0, 2]) + bytes(12),
-             sport=0x0102, dport=0x5000, vlan=0, _pad0=0)
+             sport=0x0102, dport=0x5000, vlan=0, dying=0, retries=0)
     f.update(over)
     return struct.pack(abi.EVENT.fmt, *(f[name] for name, _ in abi.EVENT.fields))
 

@@ -16,7 +16,7 @@ def _raw_event(**over):
              missed=0, tcp_flags_orig=0x1b, tcp_flags_reply=0x13, ts_ns=3_000_000_000,
              first_ns=1_000_000_000, last_ns=2_000_000_000, pkts_orig=10, pkts_reply=8,
              bytes_orig=1000, bytes_reply=5000, saddr=bytes([198, 18, 0, 1]) + bytes(12),
-             daddr=bytes([198, 18, 0, 2]) + bytes(12), sport=0x3930, dport=0x8913, vlan=0, _pad0=0)
+             daddr=bytes([198, 18, 0, 2]) + bytes(12), sport=0x3930, dport=0x8913, vlan=0, dying=0, retries=0)
     f.update(over)
     return struct.pack(abi.EVENT.fmt, *[f[name] for name, _ in abi.EVENT.fields])
 
