@@ -1,10 +1,18 @@
-"""Daemon lifecycle: load, attach, read the ring, sweep, and undo it all.
+"""Daemon lifecycle: load (or adopt), attach, read the ring, sweep, commit
+and ack, and undo it all.
 
-Start order: load (compile, pin, configure) -> ring reader -> sweeper task
--> attach. Stop runs in reverse through an AsyncExitStack: detach, a last
-sweep and drain of the ring, close, unpin. Signals only set an event. The
-sweeper task and the ring reader each report a failure through `fail()`, so
-a dead background part stops the daemon loudly instead of silently.
+Start order: load (compile, pin, configure; pins already there are adopted)
+-> ring reader -> committer -> sweeper task -> attach. Stop runs in reverse
+through an AsyncExitStack: detach, a last sweep and drain of the ring, a last
+commit and ack, close, unpin. With `keep`, stop leaves the programs attached
+and the maps pinned, so the kernel keeps tracking (and keeps the outbox) for
+the next start to adopt; a SIGKILLed daemon leaves the same state behind.
+
+Events flow: ring -> Event -> sink.write. The committer makes what was
+written durable (sink.commit, in a worker thread) and only then acks the
+DESTROYs among it, which removes their copies from the kernel's outbox.
+Signals only set an event. Background parts report failures through
+`fail()`, so a dead part stops the daemon loudly instead of silently.
 """
 
 from __future__ import annotations
@@ -13,18 +21,29 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import abi
 from .config import DatapathConfig
 from .errors import StreamerError
-from .events import Clock, Event
+from .events import Clock, Event, LostReport
 from .loader import Datapath, acquire_lock, check_environment, remove_pins
+from .outbox import Outbox
 from .ringbuf import RingReader
+from .sink import CallbackSink, Sink
 from .sweeper import Sweeper
+from .table import read_counters
 
 log = logging.getLogger(__name__)
+
+# Counters whose growth the LOST report shows: what the datapath could not
+# track or could not deliver.
+LOST_COUNTERS = ("ring_full", "table_full", "untracked_packets", "untracked_bytes",
+                 "early_drops", "outbox_full")
+PRESSURE_INTERVAL = 0.02   # seconds between ticks while above the high watermark
 
 
 @dataclass
@@ -40,13 +59,17 @@ class Target:
 class Session:
     cfg: DatapathConfig
     target: Target
-    on_event: Callable[[Event], None]
-    keep_pins: bool = False
+    on_event: Callable[[Event], None] | None = None
+    sink: Sink | None = None
+    keep: bool = False            # leave attached and pinned on stop
+    keep_pins: bool = False       # leave the maps pinned (programs detached) on stop
+    lost_interval: float = 10.0   # seconds between LOST checks; 0 = off
     dp: Datapath | None = None
     reader: RingReader | None = None
     failure: BaseException | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    _sweep_task: asyncio.Task | None = None
+    delivered: int = 0
+    _tasks: list = field(default_factory=list)
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:
@@ -54,6 +77,8 @@ class Session:
         self.stopping.set()
 
     async def __aenter__(self) -> "Session":
+        if self.sink is None:
+            self.sink = CallbackSink(self.on_event or (lambda ev: None))
         self._stack = contextlib.AsyncExitStack()
         await self._stack.__aenter__()
         try:
@@ -75,20 +100,41 @@ class Session:
         self.dp.load()
         self._stack.callback(self.dp.close)
         if self.dp.adopted:
-            log.info("adopted the datapath pinned at %s", self.cfg.pin_dir)
+            g = self.dp.global_state()
+            log.info("adopted the datapath pinned at %s: %d entries, %d in the outbox",
+                     self.cfg.pin_dir, g["entries"], g["dying"])
+
+        lock = threading.Lock()
+        self.outbox = Outbox(self.dp.prog_fd("ct_ack4"), self.dp.prog_fd("ct_ack6"), lock)
+        self._acks: list[tuple[int, bytes, int]] = []
+        self._written = asyncio.Event()
+        self._last_commit = 0.0
+        self._stack.callback(self.sink.close)
 
         def deliver(raw: abi.RawEvent) -> None:
-            self.on_event(Event.from_raw(raw, clock))
+            ev = Event.from_raw(raw, clock)
+            self.sink.write(ev)
+            self.delivered += 1
+            if ev.ack_ref is not None:
+                self._acks.append(ev.ack_ref)
+            self._written.set()
 
         self.reader = RingReader(self.dp.fd("ct_events"), deliver, on_failure=self.fail)
         self.reader.start()
         self._stack.callback(self.reader.close)
-        self._stack.callback(self._final_drain)
+        self._stack.push_async_callback(self._final_drain)
 
-        self.sweeper = Sweeper(self.dp.prog_fd("ct_sweep4"), self.dp.prog_fd("ct_sweep6"),
-                               self.cfg.sweep_budget)
-        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="ctstream-sweeper")
-        self._stack.push_async_callback(self._cancel_sweeper)
+        self._spawn(self._commit_loop(), "ctstream-committer")
+        t = self.cfg.timeouts
+        self.sweeper = Sweeper(self.dp.progs_fds(), self.cfg.sweep_budget,
+                               global_fd=self.dp.fd("ct_global"),
+                               high_entries=self.cfg.early_high_entries(),
+                               low_entries=self.cfg.early_low_entries(),
+                               horizon_s=t.longest(), lock=lock)
+        self._spawn(self._sweep_loop(), "ctstream-sweeper")
+        if self.lost_interval > 0:
+            self._spawn(self._lost_loop(clock), "ctstream-lost")
+        self._stack.push_async_callback(self._cancel_tasks)
 
         # Netlink work runs in a worker thread: pyroute2's synchronous API
         # refuses a thread with a running event loop, and entering a network
@@ -96,51 +142,108 @@ class Session:
         self._stack.push_async_callback(asyncio.to_thread, self._detach)
         await asyncio.to_thread(self._attach)
 
+    def _spawn(self, coro, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
     def _attach(self) -> None:
+        previous = self.dp.previous_attachments() if self.dp.adopted else []
         for ifname in self.target.ifaces:
             self.dp.attach_xdp(ifname, self.target.netns)
             if self.target.egress:
                 self.dp.attach_tc_egress(ifname, self.target.netns)
+        # What the previous owner attached and this one does not want goes.
+        wanted = {(a.ifname, a.kind, a.netns) for a in self.dp.attachments}
+        stale = [a for a in previous if (a.ifname, a.kind, a.netns) not in wanted]
+        for p in self.dp.detach_list(stale):
+            log.error("detach of a previous attachment: %s", p)
+
+    # ---- background parts ---------------------------------------------------
+    async def _commit_loop(self) -> None:
+        try:
+            while True:
+                await self._written.wait()
+                if self.sink.batch_s:
+                    await asyncio.sleep(self.sink.batch_s)
+                await self._commit()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fail(StreamerError(f"sink {self.sink.name}: {exc}"))
+
+    async def _commit(self) -> None:
+        self._written.clear()
+        acks, self._acks = self._acks, []
+        await asyncio.to_thread(self.sink.commit)
+        self._last_commit = time.monotonic()
+        if acks:
+            await asyncio.to_thread(self.outbox.ack, acks)
 
     async def _sweep_loop(self) -> None:
         try:
             while True:
                 # In a worker thread (ctypes drops the GIL): a tick with a
                 # backlog may take a while and the ring must keep draining.
-                await asyncio.to_thread(self.sweeper.tick)
-                await asyncio.sleep(self.cfg.sweep_interval)
+                res = await asyncio.to_thread(self.sweeper.tick)
+                await asyncio.sleep(PRESSURE_INTERVAL if res.pressure else self.cfg.sweep_interval)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.fail(StreamerError(f"sweeper failed: {exc}"))
 
-    async def _cancel_sweeper(self) -> None:
-        if self._sweep_task:
-            self._sweep_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweep_task
+    async def _lost_loop(self, clock: Clock) -> None:
+        prev = self.counters()
+        try:
+            while True:
+                await asyncio.sleep(self.lost_interval)
+                cur = self.counters()
+                lost = {k: cur[k] - prev[k] for k in LOST_COUNTERS if cur[k] > prev[k]}
+                prev = cur
+                if lost:
+                    self.sink.write(LostReport(time.time_ns() // 1_000_000, self.lost_interval, lost))
+                    self._written.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fail(StreamerError(f"loss accounting failed: {exc}"))
 
+    async def _cancel_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # ---- stop ------------------------------------------------------------------
     def _detach(self) -> None:
+        if self.keep:
+            log.info("leaving the datapath attached and pinned at %s", self.cfg.pin_dir)
+            return
         problems = self.dp.detach_all()
         for p in problems:
             log.error("detach: %s", p)
 
-    def _final_drain(self) -> None:
+    async def _final_drain(self) -> None:
         try:
-            self.sweeper.tick()
+            await asyncio.to_thread(self.sweeper.tick)
             self.reader.drain()
+            await self._commit()
         except Exception as exc:
             log.error("final drain of the event ring failed: %s", exc)
 
     def _unpin(self) -> None:
-        if not self.keep_pins:
+        if not (self.keep or self.keep_pins):
             remove_pins(self.cfg.pin_dir)
+
+    # ---- state -----------------------------------------------------------------
+    def counters(self) -> dict:
+        return read_counters(self.dp.fd("ct_stats"), self.dp.fd("ct_global"))
 
     def entries(self) -> int:
         return self.dp.global_state()["entries"]
 
     async def wait_until_empty(self, timeout: float) -> bool:
-        """Wait until every tracked connection has expired (bounded)."""
+        """Wait until every tracked connection has expired and its DESTROY
+        was acked (bounded)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline and not self.stopping.is_set():

@@ -75,7 +75,10 @@ class Event:
     first_ms: int
     last_ms: int
     end_reason: str | None
-    missed: int
+    missed: int          # bit mask of event types of this flow lost before (abi.MISSED_*)
+    retries: int = 0     # DESTROY: how often it was emitted before
+    # DESTROY: (family, outbox key, ct_id), what an ack names; not shown.
+    ack_ref: tuple[int, bytes, int] | None = None
 
     @classmethod
     def from_raw(cls, r: abi.RawEvent, clock: Clock) -> "Event":
@@ -96,6 +99,8 @@ class Event:
             last_ms=clock.wall_ns(r.last_ns) // 1_000_000,
             end_reason=abi.END_NAMES.get(r.end_reason) if r.type == abi.EV_DESTROY else None,
             missed=r.missed,
+            retries=r.retries,
+            ack_ref=(r.family, r.outbox_key(), r.ct_id) if r.type == abi.EV_DESTROY else None,
         )
 
     @property
@@ -103,7 +108,7 @@ class Event:
         return self.proto in ("icmp", "icmpv6")
 
     def as_dict(self) -> dict:
-        d = {f: getattr(self, f) for f in self.__slots__}
+        d = {f: getattr(self, f) for f in self.__slots__ if f != "ack_ref"}
         if self.is_icmp:
             d["id"] = self.sport
         return d
@@ -115,5 +120,37 @@ class Event:
         parts = [f"[{self.type}]".ljust(10), flow_text(self)]
         if self.end_reason:
             parts.append(f"reason={self.end_reason}")
+        if self.missed:
+            parts.append(f"missed={missed_text(self.missed)}")
+        if self.retries:
+            parts.append(f"retry={self.retries}")
         parts.append(f"ct_id={self.ct_id} seq={self.seq}")
         return " ".join(parts)
+
+
+def missed_text(mask: int) -> str:
+    names = [n for bit, n in ((abi.MISSED_CREATE, "NEW"), (abi.MISSED_UPDATE, "UPDATE"),
+                              (abi.MISSED_DESTROY, "DESTROY")) if mask & bit]
+    return ",".join(names) or str(mask)
+
+
+@dataclass(slots=True)
+class LostReport:
+    """The in-band LOST summary: what the datapath could not account for or
+    deliver since the previous report (counter deltas, non-zero only)."""
+
+    time_ms: int
+    interval_s: float
+    lost: dict[str, int]
+    type: str = "LOST"
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "time_ms": self.time_ms, "interval_s": self.interval_s,
+                "lost": dict(self.lost)}
+
+    def json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    def text(self) -> str:
+        what = " ".join(f"{k}={v}" for k, v in self.lost.items())
+        return f"{'[LOST]'.ljust(10)} {what} in the last {self.interval_s:.0f}s"

@@ -158,6 +158,14 @@ class Datapath:
     def prog_fd(self, name: str) -> int:
         return self.progs[name].fd
 
+    def progs_fds(self) -> dict[str, int]:
+        return {name: fn.fd for name, fn in self.progs.items()}
+
+    def previous_attachments(self) -> list[Attachment]:
+        """What the previous owner of these pins left attached (a daemon that
+        died, or one stopped with --keep)."""
+        return load_attachments(self.cfg.pin_dir)
+
     def configure(self) -> None:
         """(Re)write the run-time configuration map; safe while attached."""
         bpfsys.map_update(self.fd("ct_config"), b"\0" * 4, self.cfg.map_config_bytes())
@@ -192,6 +200,14 @@ class Datapath:
 
         mode = mode or self.cfg.xdp_mode
         ifindex(ifname, ns)
+        if mode == "auto":
+            # An adopted attachment keeps its mode: attaching in the other
+            # mode beside it would fail (native and generic XDP exclude each
+            # other); in the same mode the new program replaces the old one
+            # atomically, so no packet goes untracked.
+            for old in load_attachments(self.cfg.pin_dir):
+                if (old.ifname, old.kind, old.netns) == (ifname, "xdp", ns) and old.mode:
+                    mode = old.mode
         tries = {"native": [("native", XDP_FLAGS_DRV_MODE)],
                  "generic": [("generic", XDP_FLAGS_SKB_MODE)],
                  "auto": [("native", XDP_FLAGS_DRV_MODE), ("generic", XDP_FLAGS_SKB_MODE)]}[mode]
@@ -221,8 +237,12 @@ class Datapath:
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise InterfaceError(f"cannot add clsact qdisc on {ifname}: {exc}") from exc
+            for old in load_attachments(self.cfg.pin_dir):
+                if (old.ifname, old.kind, old.netns) == (ifname, "tc-egress", ns):
+                    own = own or old.own_clsact  # adopted: the clsact is still ours
             try:
-                ipr.tc("add-filter", "bpf", idx, ":1", fd=self.prog_fd("ct_tc_egress"),
+                # replace: an adopted filter is swapped for ours in one step
+                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.prog_fd("ct_tc_egress"),
                        name="ct_tc_egress", parent=TC_EGRESS_PARENT, classid=1,
                        direct_action=True, prio=TC_PRIO)
             except NetlinkError as exc:
@@ -235,12 +255,24 @@ class Datapath:
 
     def _record(self, att: Attachment) -> None:
         self.attachments.append(att)
-        save_attachments(self.cfg.pin_dir, load_attachments(self.cfg.pin_dir) + [att])
+        same = (att.ifname, att.kind, att.netns)
+        kept = [a for a in load_attachments(self.cfg.pin_dir) if (a.ifname, a.kind, a.netns) != same]
+        save_attachments(self.cfg.pin_dir, kept + [att])
 
     def detach_all(self) -> list[str]:
         problems = detach(self.attachments)
         self.attachments = []
         save_attachments(self.cfg.pin_dir, [])
+        return problems
+
+    def detach_list(self, atts: list[Attachment]) -> list[str]:
+        """Detach some recorded attachments (not ours) and forget them."""
+        if not atts:
+            return []
+        problems = detach(atts)
+        gone = {(a.ifname, a.kind, a.netns) for a in atts}
+        save_attachments(self.cfg.pin_dir, [a for a in load_attachments(self.cfg.pin_dir)
+                                            if (a.ifname, a.kind, a.netns) not in gone])
         return problems
 
     def close(self) -> None:

@@ -1,13 +1,19 @@
-"""The daemon's half of expiry: run the sweeper programs every tick.
+"""The daemon's half of expiry and of table pressure.
 
 Each BPF_PROG_TEST_RUN call runs a sweeper `repeat` times in the kernel; each
 run examines at most SWEEP_BATCH index records of slots that are due. A tick
 stops when nothing is due or its budget is spent, so a burst of expiries is
 spread over several ticks instead of stalling the daemon.
+
+Above the high watermark (live + outbox entries) the tick also runs the
+early-drop programs, which end unassured live entries, soonest due first,
+until the live entries are down to the low watermark (bpf/early_drop.c).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 from . import abi, bpfsys
@@ -20,29 +26,72 @@ CALL_REPEAT = 512      # runs per syscall
 class SweepResult:
     calls: int = 0
     runs: int = 0
-    pending: int = 0   # slots still due after the tick
+    pending: int = 0     # slots still due after the tick
+    early_dropped: int = 0
+    pressure: bool = False  # above the high watermark when the tick ended
 
 
 class Sweeper:
-    def __init__(self, prog4_fd: int, prog6_fd: int, budget: int):
-        self.progs = {4: prog4_fd, 6: prog6_fd}
+    def __init__(self, progs: dict[str, int], budget: int, global_fd: int | None = None,
+                 high_entries: int = 0, low_entries: int = 0, horizon_s: float = 0.0,
+                 lock: threading.Lock | None = None):
+        self.progs = {4: progs["ct_sweep4"], 6: progs["ct_sweep6"]}
+        self.early = {4: progs.get("ct_early4"), 6: progs.get("ct_early6")}
         self.budget = budget
+        self.global_fd = global_fd
+        self.high = high_entries
+        self.low = low_entries
+        # Early drop looks this many slots ahead: every live entry is filed
+        # under a slot no later than now + its timeout.
+        self.horizon = math.ceil(horizon_s * 1e9 / (1 << abi.SLOT_SHIFT)) + 2
+        self.lock = lock or threading.Lock()
 
     def tick(self) -> SweepResult:
         res = SweepResult()
         max_runs = max(1, self.budget // SWEEP_BATCH)
-        for family, fd in self.progs.items():
-            req = abi.pack_sweep_req(family, SWEEP_BATCH)
+        with self.lock:
+            for family, fd in self.progs.items():
+                req = abi.pack_sweep_req(family, SWEEP_BATCH)
+                runs = 0
+                while runs < max_runs:
+                    # A first single run tells whether anything is due at all.
+                    repeat = 1 if runs == 0 else min(CALL_REPEAT, max_runs - runs)
+                    _, _, out = bpfsys.test_run(fd, req, repeat)
+                    runs += repeat
+                    res.calls += 1
+                    pending = abi.unpack_sweep_req(out)["pending"]
+                    if pending == 0:
+                        break
+                res.runs += runs
+                res.pending += pending
+            if self.high and self.global_fd is not None and self.early[4] is not None:
+                g = self.glob()
+                if g["entries"] >= self.high:
+                    res.early_dropped = self._early_drop(max_runs, res)
+                    g = self.glob()
+                res.pressure = g["entries"] >= self.high
+        return res
+
+    def _early_drop(self, max_runs: int, res: SweepResult) -> int:
+        """Runs under the lock, so no ack lowers `dying` meanwhile: its growth
+        is what the calls dropped."""
+        dropped = 0
+        for family, fd in self.early.items():
+            req = abi.pack_sweep_req(family, SWEEP_BATCH, self.horizon)
             runs = 0
             while runs < max_runs:
-                # A first single run tells whether anything is due at all.
-                repeat = 1 if runs == 0 else min(CALL_REPEAT, max_runs - runs)
-                _, _, out = bpfsys.test_run(fd, req, repeat)
+                before = self.glob()
+                if before["entries"] - before["dying"] <= self.low:
+                    return dropped
+                repeat = min(CALL_REPEAT, max_runs - runs)
+                bpfsys.test_run(fd, req, repeat)
                 runs += repeat
                 res.calls += 1
-                pending = abi.unpack_sweep_req(out)["pending"]
-                if pending == 0:
-                    break
-            res.runs += runs
-            res.pending += pending
-        return res
+                got = self.glob()["dying"] - before["dying"]
+                dropped += max(0, got)
+                if got <= 0:
+                    break  # nothing unassured in this stretch; the walk goes on next tick
+        return dropped
+
+    def glob(self) -> dict:
+        return abi.unpack_global(bpfsys.map_lookup(self.global_fd, b"\0" * 4, abi.GLOBAL.size))

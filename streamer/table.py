@@ -38,11 +38,17 @@ class Entry:
     bytes_reply: int
     age_s: float
     idle_s: float
+    dying: bool = False          # a copy in the outbox: its DESTROY awaits an ack
+    end_reason: str | None = None
+    retries: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
     def text(self) -> str:
+        if self.dying:
+            return (f"{flow_text(self)} reason={self.end_reason} retries={self.retries} "
+                    f"ended={self.idle_s:.1f}s ago ct_id={self.ct_id}")
         return f"{flow_text(self)} idle={self.idle_s:.1f}s ct_id={self.ct_id}"
 
 
@@ -73,7 +79,8 @@ class PinnedTable:
     def __exit__(self, *exc):
         self.close()
 
-    def entries(self) -> list[Entry]:
+    def entries(self, dying: bool = False) -> list[Entry]:
+        """Live connections, or (dying=True) the outbox copies."""
         now = _monotonic_ns()
         out = []
         for family, kstruct in ((4, _KEY4), (6, _KEY6)):
@@ -87,20 +94,25 @@ class PinnedTable:
                 if val is None:
                     continue  # expired while we walked
                 e = _decode(family, kstruct.unpack(key), _ENTRY.unpack(val), now)
-                if e is not None:
+                if e is not None and e.dying == dying:
                     out.append(e)
         return out
 
     def stats(self) -> dict:
-        fd = self.fd("ct_stats")
-        totals = {}
-        for idx, name in enumerate(abi.STAT_NAMES):
-            per_cpu = bpfsys.percpu_lookup(fd, idx.to_bytes(4, "little"), 8)
-            totals[name] = sum(int.from_bytes(v, "little") for v in per_cpu)
-        g = bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size)
-        glob = abi.unpack_global(g)
-        totals["entries"] = glob["entries"]
-        return totals
+        return read_counters(self.fd("ct_stats"), self.fd("ct_global"))
+
+
+def read_counters(stats_fd: int, global_fd: int) -> dict:
+    """The per-CPU counters summed, plus the table's fill: entries (live and
+    outbox together, what the limit counts) and the outbox alone."""
+    totals = {}
+    for idx, name in enumerate(abi.STAT_NAMES):
+        per_cpu = bpfsys.percpu_lookup(stats_fd, idx.to_bytes(4, "little"), 8)
+        totals[name] = sum(int.from_bytes(v, "little") for v in per_cpu)
+    glob = abi.unpack_global(bpfsys.map_lookup(global_fd, b"\0" * 4, abi.GLOBAL.size))
+    totals["entries"] = glob["entries"]
+    totals["outbox"] = glob["dying"]
+    return totals
 
 
 def _monotonic_ns() -> int:
@@ -109,10 +121,16 @@ def _monotonic_ns() -> int:
 
 
 def _decode(family, k, v, now) -> Entry | None:
-    saddr, daddr, sport, dport, proto, _pad, vlan = k
-    ct_id, first, last, po, pr, bo, br, status_seq, _sched = v
+    saddr, daddr, sport, dport, proto, dying, vlan = k
+    ct_id, first, last, po, pr, bo, br, status_seq, sched = v
     if last == abi.DEAD:
         return None
+    seq = status_seq >> 32
+    reason, retries = None, 0
+    if dying & abi.KEY_DYING:
+        seq -= 1  # the copy holds its DESTROY's seq + 1
+        reason = abi.END_NAMES.get((sched >> abi.SCHED_REASON_SHIFT) & 0xFF)
+        retries = (sched >> 32) & 0xFFFF
     ip = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     status = status_seq & 0xFFFFFFFF
     state = status & 0xFF
@@ -121,7 +139,8 @@ def _decode(family, k, v, now) -> Entry | None:
         family=family, proto=abi.PROTO_NAMES.get(proto, str(proto)),
         src=str(ip(saddr)), dst=str(ip(daddr)), sport=_ntohs(sport), dport=_ntohs(dport),
         vlan=vlan, state=abi.STATE_NAMES.get(state) if proto == 6 else None,
-        assured=bool(flags & abi.F_ASSURED), ct_id=ct_id, seq=status_seq >> 32,
+        assured=bool(flags & abi.F_ASSURED), ct_id=ct_id, seq=seq,
         packets_orig=po, packets_reply=pr, bytes_orig=bo, bytes_reply=br,
         age_s=max(0, now - first) / 1e9, idle_s=max(0, now - last) / 1e9,
+        dying=bool(dying & abi.KEY_DYING), end_reason=reason, retries=retries,
     )

@@ -1,0 +1,123 @@
+"""Sinks: where events go, and when they count as written.
+
+A sink takes events as they arrive (`write`, on the event loop, never
+blocking) and makes what it took durable in batches (`commit`, in a worker
+thread, may block). The daemon acks a DESTROY to the kernel's outbox only
+after a commit that followed its write returned: that is the whole contract.
+
+- stdout (the default of `ctstream events`): one line per event, text or
+  JSON. Written and flushed to the pipe counts as durable; a closed pipe
+  (`| head`) stops the daemon rather than acking what nobody read.
+- jsonl:PATH: one JSON object per line, appended to PATH and fsync'd at
+  each commit; a commit is due after `batch_s` or `batch_records`, whichever
+  comes first.
+- a callback (the demo, the tests): handed each event; durable at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from .errors import ConfigError, StreamerError
+
+
+class Sink:
+    name = "sink"
+    batch_s = 0.0          # how long a commit may wait to gather a batch
+    batch_records = 1 << 30
+
+    def write(self, ev) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Make everything written so far durable; raises on failure."""
+
+    def close(self) -> None:
+        pass
+
+
+class CallbackSink(Sink):
+    name = "callback"
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def write(self, ev) -> None:
+        self.fn(ev)
+
+
+class StdoutSink(Sink):
+    name = "stdout"
+
+    def __init__(self, fmt: str = "text", on_closed: Callable[[], None] | None = None,
+                 stream=None):
+        self.fmt = fmt
+        self.on_closed = on_closed
+        self.stream = stream or sys.stdout
+        self.closed = False
+
+    def write(self, ev) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write((ev.json() if self.fmt == "json" else ev.text()) + "\n")
+        except BrokenPipeError:
+            self._broken()
+
+    def commit(self) -> None:
+        if self.closed:
+            raise StreamerError("stdout is closed: nothing written since can be acked")
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._broken()
+            raise StreamerError("stdout was closed by its reader") from None
+
+    def _broken(self) -> None:
+        self.closed = True
+        if self.on_closed:
+            self.on_closed()
+
+
+class JsonlSink(Sink):
+    name = "jsonl"
+
+    def __init__(self, path: str, batch_s: float = 0.05, batch_records: int = 4096):
+        self.path = path
+        self.batch_s = batch_s
+        self.batch_records = batch_records
+        try:
+            self._f = open(path, "a", buffering=1 << 20, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot open the sink file {path}: {exc.strerror}") from None
+        self.commits = 0
+
+    def write(self, ev) -> None:
+        self._f.write(ev.json() + "\n")
+
+    def commit(self) -> None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise StreamerError(f"writing {self.path} failed: {exc.strerror}") from None
+        self.commits += 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self.commit()
+            finally:
+                self._f.close()
+
+
+def parse_sink(spec: str, fmt: str = "text", on_closed=None) -> Sink:
+    """`stdout` or `jsonl:PATH`."""
+    if spec in ("", "stdout", "-"):
+        return StdoutSink(fmt, on_closed)
+    kind, sep, arg = spec.partition(":")
+    if kind == "jsonl" and sep and arg:
+        return JsonlSink(arg)
+    raise ConfigError(f"unknown sink {spec!r}: use stdout or jsonl:PATH")
