@@ -1,0 +1,103 @@
+"""A real single-node Kafka broker (scripts/kafka.sh) for the tests marked
+`kafka`. Outside CI they skip when there is no java; in CI (CI=true) they run
+or fail, never skip. Every broker started here is stopped, also when a test
+fails, and teardown fails loudly if a broker process outlives its stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SH = ROOT / "scripts" / "kafka.sh"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if IN_CI or shutil.which("java"):
+        return
+    skip = pytest.mark.skip(reason="needs java (default-jdk-headless) to run the Kafka broker")
+    for item in items:
+        if "kafka" in item.keywords:
+            item.add_marker(skip)
+
+
+def kafka_sh(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KAFKA_SH), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port_pair() -> int:
+    """A loopback port P with P + 1 also free (the controller's default)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two adjacent free loopback ports")
+
+
+def broker_pids(directory: Path) -> list[int]:
+    """Live kafka.Kafka processes whose config is in `directory`."""
+    needle = f"{directory}/server.properties".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"kafka.Kafka" in cmdline and needle in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_and_check(directory: Path) -> None:
+    """Stop the broker in `directory`; kill and complain if one is left."""
+    result = kafka_sh("stop", "--dir", str(directory), timeout=90)
+    left = broker_pids(directory)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"kafka.sh stop left broker processes {left}: {result.stderr}"
+    assert result.returncode == 0, result.stderr
+
+
+@dataclass(frozen=True)
+class Broker:
+    bootstrap: str
+    directory: Path
+    port: int
+
+    def topic_create(self, name: str, partitions: int = 1) -> None:
+        result = kafka_sh("topic", "create", name, "--partitions", str(partitions),
+                          "--dir", str(self.directory), timeout=120)
+        assert result.returncode == 0, f"topic create {name} failed:\n{result.stderr}"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory) -> Broker:
+    directory = tmp_path_factory.mktemp("kafka").resolve()
+    port = free_port_pair()
+    try:
+        result = kafka_sh("start", "--dir", str(directory), "--port", str(port))
+        if result.returncode != 0:
+            pytest.fail(f"scripts/kafka.sh start failed (exit {result.returncode}):\n{result.stderr}",
+                        pytrace=False)
+        yield Broker(bootstrap=result.stdout.strip(), directory=directory, port=port)
+    finally:
+        stop_and_check(directory)
