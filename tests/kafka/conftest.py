@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs java (default-jdk-headless) to run the Kafka broker")
     for item in items:
-        if "kafka" in item.keywords:
+        if item.get_closest_marker("kafka"):
             item.add_marker(skip)
 
 
