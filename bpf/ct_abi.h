@@ -249,11 +249,16 @@ struct ct_wheel_chunk6 {
 /* Sweeper and early-drop input: the packet handed to BPF_PROG_TEST_RUN. */
 struct ct_sweep_req {
 	__u8  family;   /* in: 4 or 6 */
-	__u8  _pad0[3];
+	__u8  stalled;  /* out: stopped because room ran out */
+	__u8  _pad0[2];
 	__u32 budget;   /* in: index records to examine per run, at most CT_SWEEP_BATCH */
 	__u32 pending;  /* out: sweeper: slots due but not yet done after this run;
 			 * early drop: entries dropped by this run */
 	__u32 horizon;  /* in, early drop: slots ahead of now to look at */
+	__u32 room;     /* in/out: events this call may still write to the ring; each
+			 * record examined may write one, and at 0 the run stops
+			 * (stalled) rather than turn expiries into missed events */
+	__u32 _pad1;
 };
 
 /* Ack input: a header and up to CT_ACK_BATCH records of one family. */
@@ -282,7 +287,7 @@ _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
 _Static_assert(sizeof(struct ct_global) == 48, "ct_global size");
 _Static_assert(sizeof(struct ct_wheel_chunk4) == 1032, "ct_wheel_chunk4 size");
 _Static_assert(sizeof(struct ct_wheel_chunk6) == 648, "ct_wheel_chunk6 size");
-_Static_assert(sizeof(struct ct_sweep_req) == 16, "ct_sweep_req size");
+_Static_assert(sizeof(struct ct_sweep_req) == 24, "ct_sweep_req size");
 _Static_assert(sizeof(struct ct_ack_hdr) == 8, "ct_ack_hdr size");
 _Static_assert(sizeof(struct ct_ack4) == 24, "ct_ack4 size");
 _Static_assert(sizeof(struct ct_ack6) == 48, "ct_ack6 size");

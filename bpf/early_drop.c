@@ -56,6 +56,7 @@ static __always_inline int ct_early_family(struct __sk_buff *skb, const u32 fam)
 	if (rq->family != fam)
 		return TC_ACT_SHOT;
 	u32 budget = rq->budget;
+	rq->stalled = 0;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_global *g = ct_glob();
 	if (!cfg || !g)
@@ -77,6 +78,10 @@ static __always_inline int ct_early_family(struct __sk_buff *skb, const u32 fam)
 			break;
 		if (g->entries - g->dying <= cfg->early_low)
 			break;
+		if (rq->room == 0) {
+			rq->stalled = 1;
+			break;
+		}
 		if (slot > last_slot) {
 			slot = cursor; /* one pass done; the next run starts over */
 			idx = 0;
@@ -93,6 +98,7 @@ static __always_inline int ct_early_family(struct __sk_buff *skb, const u32 fam)
 			idx = ws->done; /* the sweeper consumed those */
 		if (idx >= ws->n)
 			continue;
+		rq->room--;
 		dropped += ct_early_record(fam, slot, idx, cfg, now);
 		idx++;
 	}

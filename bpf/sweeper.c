@@ -130,6 +130,7 @@ static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
 	if (rq->family != fam)
 		return TC_ACT_SHOT;
 	u32 budget = rq->budget;
+	rq->stalled = 0;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_global *g = ct_glob();
 	if (!cfg || !g)
@@ -152,6 +153,10 @@ static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
 		u32 cur = *cursor;
 		if (cur + 2 > now_slot)
 			break;
+		if (rq->room == 0) {
+			rq->stalled = 1;
+			break;
+		}
 		struct ct_wheel_slot_key sk = { .slot = cur, .family = fam };
 		struct ct_wheel_slot *ws = ct_wslots.lookup(&sk);
 		if (!ws) {
@@ -166,6 +171,7 @@ static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
 			continue;
 		}
 		ws->done = done + 1;
+		rq->room--;
 		ct_sweep_record(fam, cur, done, cfg, now);
 		swept++;
 	}

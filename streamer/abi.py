@@ -109,7 +109,8 @@ GLOBAL = Layout("ct_global", (
     ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
 ))
 SWEEP_REQ = Layout("ct_sweep_req", (
-    ("family", "B"), ("_pad0", "3s"), ("budget", "I"), ("pending", "I"), ("horizon", "I"),
+    ("family", "B"), ("stalled", "B"), ("_pad0", "2s"), ("budget", "I"), ("pending", "I"),
+    ("horizon", "I"), ("room", "I"), ("_pad1", "I"),
 ))
 ACK_HDR = Layout("ct_ack_hdr", (("count", "I"), ("acked", "I")))
 ACK4 = Layout("ct_ack4", (("key", f"{KEY4.size}s"), ("ct_id", "Q")))
@@ -211,13 +212,20 @@ def pack_global(g: dict) -> bytes:
                        g["dying"], g["early4"], g["early6"])
 
 
-def pack_sweep_req(family: int, budget: int, horizon: int = 0) -> bytes:
-    return struct.pack(SWEEP_REQ.fmt, family, b"\0\0\0", budget, 0, horizon)
+ROOM_UNLIMITED = 0xFFFFFFFF
+
+
+def pack_sweep_req(family: int, budget: int, horizon: int = 0,
+                   room: int = ROOM_UNLIMITED) -> bytes:
+    return struct.pack(SWEEP_REQ.fmt, family, 0, b"\0\0", budget, 0, horizon,
+                       max(0, min(room, ROOM_UNLIMITED)), 0)
 
 
 def unpack_sweep_req(buf: bytes) -> dict:
-    family, _, budget, pending, horizon = struct.unpack(SWEEP_REQ.fmt, buf[:SWEEP_REQ.size])
-    return {"family": family, "budget": budget, "pending": pending, "horizon": horizon}
+    family, stalled, _, budget, pending, horizon, room, _ = struct.unpack(
+        SWEEP_REQ.fmt, buf[:SWEEP_REQ.size])
+    return {"family": family, "stalled": stalled, "budget": budget, "pending": pending,
+            "horizon": horizon, "room": room}
 
 
 def pack_acks(family: int, acks: list[tuple[bytes, int]]) -> bytes:

@@ -32,7 +32,7 @@ from .errors import StreamerError
 from .events import Clock, Event, LostReport
 from .loader import Datapath, acquire_lock, check_environment, remove_pins
 from .outbox import Outbox
-from .ringbuf import RingReader
+from .ringbuf import RingReader, RingSpace
 from .sink import CallbackSink, Sink
 from .sweeper import Sweeper
 from .table import read_counters
@@ -119,6 +119,8 @@ class Session:
                 self._acks.append(ev.ack_ref)
             self._written.set()
 
+        space = RingSpace(self.dp.fd("ct_events"), self.cfg.ring_bytes)
+        self._stack.callback(space.close)
         self.reader = RingReader(self.dp.fd("ct_events"), deliver, on_failure=self.fail)
         self.reader.start()
         self._stack.callback(self.reader.close)
@@ -130,7 +132,7 @@ class Session:
                                global_fd=self.dp.fd("ct_global"),
                                high_entries=self.cfg.early_high_entries(),
                                low_entries=self.cfg.early_low_entries(),
-                               horizon_s=t.longest(), lock=lock)
+                               horizon_s=t.longest(), lock=lock, room=space.room_records)
         self._spawn(self._sweep_loop(), "ctstream-sweeper")
         if self.lost_interval > 0:
             self._spawn(self._lost_loop(clock), "ctstream-lost")

@@ -64,3 +64,37 @@ class RingReader:
     def close(self) -> None:
         self.stop()
         self._ring.close()
+
+
+RECORD_BYTES = 8 + abi.EVENT_SIZE   # a ring record: 8-byte header, then the event
+
+
+class RingSpace:
+    """How full the event ring is, from its consumer and producer positions:
+    the first two pages of a BPF ring buffer map, which any process may map
+    read-only (what BPF_RB_AVAIL_DATA reports in the kernel; BCC 0.26 cannot
+    call that helper). The sweeper is handed the room that is left, so a
+    burst of expiries waits for the reader instead of becoming missed events.
+    The headroom is left for the packet path."""
+
+    def __init__(self, map_fd: int, ring_bytes: int):
+        import mmap
+
+        self.size = ring_bytes
+        self.headroom = min(ring_bytes // 4, 64 << 10)
+        page = mmap.PAGESIZE
+        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)
+        self._prod = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+
+    def used_bytes(self) -> int:
+        cons = int.from_bytes(self._cons[:8], "little")
+        prod = int.from_bytes(self._prod[:8], "little")
+        return max(0, prod - cons)
+
+    def room_records(self) -> int:
+        """Events that may still be written, leaving the headroom free."""
+        return max(0, (self.size - self.headroom - self.used_bytes()) // RECORD_BYTES)
+
+    def close(self) -> None:
+        self._cons.close()
+        self._prod.close()
