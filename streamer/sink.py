@@ -93,6 +93,11 @@ class JsonlSink(Sink):
         except OSError as exc:
             raise ConfigError(f"cannot open the sink file {path}: {exc.strerror}") from None
         self.commits = 0
+        self.torn_tail = _ends_torn(path)
+        if self.torn_tail:
+            # A daemon killed mid-line left a partial record (never acked, so
+            # the kernel sends it again): end it, so it spoils no other line.
+            self._f.write("\n")
 
     def write(self, ev) -> None:
         self._f.write(ev.json() + "\n")
@@ -111,6 +116,15 @@ class JsonlSink(Sink):
                 self.commit()
             finally:
                 self._f.close()
+
+
+def _ends_torn(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def parse_sink(spec: str, fmt: str = "text", on_closed=None) -> Sink:
