@@ -4,7 +4,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-scale clean
 
 setup:
 	bash scripts/setup.sh
@@ -18,6 +18,11 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# Slow and big (about 50 s, 2 GB of kernel memory): a 10M-entry table,
+# see bench/README.md "Table scale". Extra arguments: BENCH_ARGS=--quick
+bench-scale: setup
+	$(PY) bench/table_scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info
