@@ -200,19 +200,21 @@ struct ct_config {
 	__u64 grace_ns;            /* outbox: re-emit an unacked DESTROY after
 				    * uniform [grace/2, grace] */
 	__u32 early_low;           /* early drop stops at this many live entries */
-	__u32 _pad0;
+	__u32 ipv6_limit;          /* IPv6 live + outbox entries at most (the map's
+				    * slack above it is kept for outbox copies) */
 	__u64 _reserved;
 };
 
 #define CT_CFG_DROP_UNTRACKED 0x1  /* drop, rather than pass, when the table is full */
 
-/* Global state, one element in the ct_global array map. 48 bytes. */
+/* Global state, one element in the ct_global array map. 56 bytes. */
 struct ct_global {
 	__u64 next_ct_id;          /* seeded by the daemon with wall-clock ns */
 	__u64 entries;             /* live + outbox entries of both families */
 	__u32 cursor[2];           /* sweeper: next slot to process, [0]=v4 [1]=v6 */
 	__u64 dying;               /* outbox entries (part of entries) */
 	__u64 early[2];            /* early drop position: slot << 32 | record */
+	__u64 entries6;            /* IPv6 live + outbox entries (part of entries) */
 };
 
 /* Expiry index ("timing wheel"). Entries are filed under the slot in which
@@ -284,7 +286,7 @@ _Static_assert(sizeof(struct ct_key6) == 40, "ct_key6 size");
 _Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
 _Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
 _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
-_Static_assert(sizeof(struct ct_global) == 48, "ct_global size");
+_Static_assert(sizeof(struct ct_global) == 56, "ct_global size");
 _Static_assert(sizeof(struct ct_wheel_chunk4) == 1032, "ct_wheel_chunk4 size");
 _Static_assert(sizeof(struct ct_wheel_chunk6) == 648, "ct_wheel_chunk6 size");
 _Static_assert(sizeof(struct ct_sweep_req) == 24, "ct_sweep_req size");

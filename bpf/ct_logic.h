@@ -210,6 +210,11 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 		__sync_fetch_and_add(&g->entries, -1);
 		return CT_CREATE_FULL;
 	}
+	if (fam == 6 && __sync_fetch_and_add(&g->entries6, 1) >= cfg->ipv6_limit) {
+		__sync_fetch_and_add(&g->entries6, -1);
+		__sync_fetch_and_add(&g->entries, -1);
+		return CT_CREATE_FULL;
+	}
 	struct ct_entry ne = {};
 	ne.ct_id = __sync_fetch_and_add(&g->next_ct_id, 1);
 	ne.first_ns = now;
@@ -222,6 +227,8 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	ne.sched = due | ((u64)(ct_slot(now) & CT_SCHED_REPORT_MASK) << 32);
 	if (ct_tbl_insert(fam, key, &ne)) {
 		__sync_fetch_and_add(&g->entries, -1);
+		if (fam == 6)
+			__sync_fetch_and_add(&g->entries6, -1);
 		return ct_tbl_lookup(fam, key) ? CT_CREATE_RACE : CT_CREATE_FULL;
 	}
 	ct_stat_inc(CT_STAT_CREATED);

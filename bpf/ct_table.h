@@ -350,8 +350,11 @@ static __always_inline void ct_destroy(u32 fam, void *key, struct ct_entry *e, u
 		ct_stat_inc(CT_STAT_OUTBOX_FULL);
 		ct_emit(CT_EV_DESTROY, fam, key, e, status, seq, reason, 0, last, now);
 		ct_tbl_delete(fam, key);
-		if (g)
+		if (g) {
 			__sync_fetch_and_add(&g->entries, -1);
+			if (fam == 6)
+				__sync_fetch_and_add(&g->entries6, -1);
+		}
 		return;
 	}
 	ct_tbl_delete(fam, key);

@@ -8,12 +8,14 @@
  * under the table limit.
  */
 
-static __always_inline void ct_acked_one(void)
+static __always_inline void ct_acked_one(u32 fam)
 {
 	struct ct_global *g = ct_glob();
 	if (g) {
 		__sync_fetch_and_add(&g->entries, -1);
 		__sync_fetch_and_add(&g->dying, -1);
+		if (fam == 6)
+			__sync_fetch_and_add(&g->entries6, -1);
 	}
 	ct_stat_inc(CT_STAT_ACKED);
 }
@@ -35,7 +37,7 @@ int ct_ack4(struct __sk_buff *skb)
 			stale++;
 			continue;
 		}
-		ct_acked_one();
+		ct_acked_one(4);
 		acked++;
 	}
 	ct_stat_add(CT_STAT_ACK_STALE, stale);
@@ -61,7 +63,7 @@ int ct_ack6(struct __sk_buff *skb)
 			stale++;
 			continue;
 		}
-		ct_acked_one();
+		ct_acked_one(6);
 		acked++;
 	}
 	ct_stat_add(CT_STAT_ACK_STALE, stale);

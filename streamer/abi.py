@@ -102,11 +102,12 @@ EVENT = Layout("ct_event", (
 ))
 CONFIG = Layout("ct_config", (
     ("timeout_ns", f"{TO_MAX}Q"), ("report_interval_ns", "Q"), ("table_limit", "I"),
-    ("flags", "I"), ("grace_ns", "Q"), ("early_low", "I"), ("_pad0", "I"),
+    ("flags", "I"), ("grace_ns", "Q"), ("early_low", "I"), ("ipv6_limit", "I"),
     ("_reserved", "Q"),
 ))
 GLOBAL = Layout("ct_global", (
     ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
+    ("entries6", "Q"),
 ))
 SWEEP_REQ = Layout("ct_sweep_req", (
     ("family", "B"), ("stalled", "B"), ("_pad0", "2s"), ("budget", "I"), ("pending", "I"),
@@ -195,21 +196,23 @@ def _abi_error(msg: str):
 
 
 def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: int,
-                flags: int, grace_ns: int = 15_000_000_000, early_low: int = 0) -> bytes:
+                flags: int, grace_ns: int = 15_000_000_000, early_low: int = 0,
+                ipv6_limit: int | None = None) -> bytes:
     to = list(timeouts_ns) + [0] * (TO_MAX - len(timeouts_ns))
+    v6 = table_limit if ipv6_limit is None else ipv6_limit
     return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, grace_ns,
-                       early_low, 0, 0)
+                       early_low, v6, 0)
 
 
 def unpack_global(buf: bytes) -> dict:
-    next_id, entries, c4, c6, dying, e4, e6 = struct.unpack(GLOBAL.fmt, buf[:GLOBAL.size])
+    next_id, entries, c4, c6, dying, e4, e6, n6 = struct.unpack(GLOBAL.fmt, buf[:GLOBAL.size])
     return {"next_ct_id": next_id, "entries": entries, "cursor4": c4, "cursor6": c6,
-            "dying": dying, "early4": e4, "early6": e6}
+            "dying": dying, "early4": e4, "early6": e6, "entries6": n6}
 
 
 def pack_global(g: dict) -> bytes:
     return struct.pack(GLOBAL.fmt, g["next_ct_id"], g["entries"], g["cursor4"], g["cursor6"],
-                       g["dying"], g["early4"], g["early6"])
+                       g["dying"], g["early4"], g["early6"], g.get("entries6", 0))
 
 
 ROOM_UNLIMITED = 0xFFFFFFFF

@@ -121,7 +121,8 @@ class DatapathConfig:
         flags = abi.CFG_DROP_UNTRACKED if self.drop_untracked else 0
         return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
                                self.table_limit, flags, grace_ns=_ns(self.grace),
-                               early_low=self.early_low_entries())
+                               early_low=self.early_low_entries(),
+                               ipv6_limit=self.ipv6_capacity())
 
 
 def _finite(v) -> bool:

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # track or could not deliver.
 LOST_COUNTERS = ("ring_full", "table_full", "untracked_packets", "untracked_bytes",
                  "early_drops", "outbox_full")
-PRESSURE_INTERVAL = 0.02   # seconds between ticks while above the high watermark
+PRESSURE_INTERVAL = 0.005  # seconds between ticks while above the high watermark
 
 
 @dataclass

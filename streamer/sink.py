@@ -84,7 +84,7 @@ class StdoutSink(Sink):
 class JsonlSink(Sink):
     name = "jsonl"
 
-    def __init__(self, path: str, batch_s: float = 0.05, batch_records: int = 4096):
+    def __init__(self, path: str, batch_s: float = 0.01, batch_records: int = 4096):
         self.path = path
         self.batch_s = batch_s
         self.batch_records = batch_records

@@ -377,7 +377,7 @@ class Bench:
             bpfsys.map_update(fd, i.to_bytes(4, "little"), b"\0" * 8 * self.ncpu)
         # Cursors as the loader seeds them for a new table: two slots back.
         g, start = self.glob(), monotonic_slot() - 2
-        g.update(entries=0, cursor4=start, cursor6=start, dying=0, early4=0, early6=0)
+        g.update(entries=0, cursor4=start, cursor6=start, dying=0, early4=0, early6=0, entries6=0)
         bpfsys.map_update(self.dp.fd("ct_global"), b"\0" * 4, abi.pack_global(g))
         self.dp.cfg = replace(self._cfg0, timeouts=replace(self._cfg0.timeouts))
         self.dp.configure()
