@@ -181,18 +181,28 @@ class Datapath:
         reboots and tables made anew (below 1e9 connections a second). The
         sweeper cursors start two slots back from now (bpf_ktime_get_ns is
         CLOCK_MONOTONIC): every entry will be filed under a later slot, so
-        none can be left behind the cursor. An adopted table keeps both."""
+        none can be left behind the cursor. An adopted table keeps both.
+
+        The element is written back whole, so it is written only when
+        something needs seeding: an adopted table runs under the previous
+        owner's programs, still attached, and a write-back would undo their
+        atomic updates of entries and next_ct_id in between (a wrong table
+        fill, ct_ids handed out twice)."""
         raw = bytearray(bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size))
         g = abi.unpack_global(bytes(raw))
+        seeded = False
         if g["next_ct_id"] == 0:
             raw[0:8] = time.time_ns().to_bytes(8, "little")
+            seeded = True
         start = (time.monotonic_ns() >> abi.SLOT_SHIFT) - 2
         offsets = abi.GLOBAL.offsets()
         for i, name in enumerate(("cursor4", "cursor6")):
             if g[name] == 0:
                 off = offsets["cursor"] + 4 * i
                 raw[off:off + 4] = start.to_bytes(4, "little")
-        bpfsys.map_update(self.fd("ct_global"), b"\0" * 4, bytes(raw))
+                seeded = True
+        if seeded:
+            bpfsys.map_update(self.fd("ct_global"), b"\0" * 4, bytes(raw))
 
     # ---- attach -----------------------------------------------------------
     def attach_xdp(self, ifname: str, ns: str | None = None, mode: str | None = None) -> Attachment:
