@@ -220,8 +220,10 @@ struct ct_global {
 /* Expiry index ("timing wheel"). Entries are filed under the slot in which
  * they are due to expire, in chunks of keys; a slot's record counts how many
  * positions were handed out and how many the sweeper has consumed. */
-#define CT_WHEEL4_PER_CHUNK 64
-#define CT_WHEEL6_PER_CHUNK 16
+/* Keys per chunk: as many as keep a chunk's hash element (48-byte header,
+ * 8-byte key, value, 8-byte allocator link) within a 1 KiB allocator block. */
+#define CT_WHEEL4_PER_CHUNK 59
+#define CT_WHEEL6_PER_CHUNK 23
 
 struct ct_wheel_slot_key {
 	__u32 slot;
@@ -287,8 +289,10 @@ _Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
 _Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
 _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
 _Static_assert(sizeof(struct ct_global) == 56, "ct_global size");
-_Static_assert(sizeof(struct ct_wheel_chunk4) == 1032, "ct_wheel_chunk4 size");
-_Static_assert(sizeof(struct ct_wheel_chunk6) == 648, "ct_wheel_chunk6 size");
+_Static_assert(sizeof(struct ct_wheel_chunk4) == 952, "ct_wheel_chunk4 size");
+_Static_assert(sizeof(struct ct_wheel_chunk6) == 928, "ct_wheel_chunk6 size");
+_Static_assert(48 + 8 + sizeof(struct ct_wheel_chunk4) + 8 <= 1024, "a chunk4 element fits 1 KiB");
+_Static_assert(48 + 8 + sizeof(struct ct_wheel_chunk6) + 8 <= 1024, "a chunk6 element fits 1 KiB");
 _Static_assert(sizeof(struct ct_sweep_req) == 24, "ct_sweep_req size");
 _Static_assert(sizeof(struct ct_ack_hdr) == 8, "ct_ack_hdr size");
 _Static_assert(sizeof(struct ct_ack4) == 24, "ct_ack4 size");

@@ -79,6 +79,17 @@ struct ct_events_table_t {
 __attribute__((section("maps/ringbuf:" CT_PIN("ct_events"))))
 struct ct_events_table_t ct_events = { .max_entries = CT_RING_BYTES };
 
+/* Position n % per within a chunk, as a 64-bit value with a bound the
+ * verifier sees: per is not a power of two, and the compiler drops a plain
+ * check it can prove, so the barrier hides the value from it first.
+ * Returns per (out of range) only if something is badly wrong. */
+static __always_inline u64 ct_chunk_pos(u64 n, u64 per)
+{
+	u64 pos = n % per;
+	asm volatile("" : "+r"(pos));
+	return pos < per ? pos : per;
+}
+
 static __always_inline void ct_stat_add(u32 idx, u64 n)
 {
 	u64 *v = ct_stats.lookup(&idx);

@@ -129,7 +129,9 @@ static __always_inline int ct_wheel_push(u32 fam, void *key, u32 slot)
 		goto full;
 	if (fam == 4) {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = n / CT_WHEEL4_PER_CHUNK };
-		u32 pos = n % CT_WHEEL4_PER_CHUNK;
+		u64 pos = ct_chunk_pos(n, CT_WHEEL4_PER_CHUNK);
+		if (pos >= CT_WHEEL4_PER_CHUNK)
+			goto full;
 		struct ct_wheel_chunk4 *c = ct_wheel4.lookup(&wk);
 		if (!c) {
 			ct_wheel4.insert(&wk, zchunk);
@@ -141,7 +143,9 @@ static __always_inline int ct_wheel_push(u32 fam, void *key, u32 slot)
 		__sync_fetch_and_or(&c->filled, 1ULL << pos);
 	} else {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = n / CT_WHEEL6_PER_CHUNK };
-		u32 pos = n % CT_WHEEL6_PER_CHUNK;
+		u64 pos = ct_chunk_pos(n, CT_WHEEL6_PER_CHUNK);
+		if (pos >= CT_WHEEL6_PER_CHUNK)
+			goto full;
 		struct ct_wheel_chunk6 *c = ct_wheel6.lookup(&wk);
 		if (!c) {
 			ct_wheel6.insert(&wk, zchunk);

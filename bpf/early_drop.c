@@ -18,14 +18,18 @@ static __always_inline int ct_early_record(u32 fam, u32 slot, u32 idx,
 	union ct_key k = {};
 	if (fam == 4) {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL4_PER_CHUNK };
-		u32 pos = idx % CT_WHEEL4_PER_CHUNK;
+		u64 pos = ct_chunk_pos(idx, CT_WHEEL4_PER_CHUNK);
+		if (pos >= CT_WHEEL4_PER_CHUNK)
+			return 0;
 		struct ct_wheel_chunk4 *c = ct_wheel4.lookup(&wk);
 		if (!c || !(c->filled & (1ULL << pos)))
 			return 0;
 		k.k4 = c->keys[pos];
 	} else {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL6_PER_CHUNK };
-		u32 pos = idx % CT_WHEEL6_PER_CHUNK;
+		u64 pos = ct_chunk_pos(idx, CT_WHEEL6_PER_CHUNK);
+		if (pos >= CT_WHEEL6_PER_CHUNK)
+			return 0;
 		struct ct_wheel_chunk6 *c = ct_wheel6.lookup(&wk);
 		if (!c || !(c->filled & (1ULL << pos)))
 			return 0;

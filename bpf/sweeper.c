@@ -78,7 +78,9 @@ static __always_inline void ct_sweep_record(u32 fam, u32 slot, u32 idx,
 {
 	if (fam == 4) {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL4_PER_CHUNK };
-		u32 pos = idx % CT_WHEEL4_PER_CHUNK;
+		u64 pos = ct_chunk_pos(idx, CT_WHEEL4_PER_CHUNK);
+		if (pos >= CT_WHEEL4_PER_CHUNK)
+			return;
 		struct ct_wheel_chunk4 *c = ct_wheel4.lookup(&wk);
 		if (!c)
 			return;
@@ -90,7 +92,9 @@ static __always_inline void ct_sweep_record(u32 fam, u32 slot, u32 idx,
 			ct_wheel4.delete(&wk);
 	} else {
 		struct ct_wheel_key wk = { .slot = slot, .chunk = idx / CT_WHEEL6_PER_CHUNK };
-		u32 pos = idx % CT_WHEEL6_PER_CHUNK;
+		u64 pos = ct_chunk_pos(idx, CT_WHEEL6_PER_CHUNK);
+		if (pos >= CT_WHEEL6_PER_CHUNK)
+			return;
 		struct ct_wheel_chunk6 *c = ct_wheel6.lookup(&wk);
 		if (!c)
 			return;
