@@ -62,12 +62,12 @@ static __always_inline int ct_tbl_insert(u32 fam, void *key, struct ct_entry *e)
 	return ct6.insert(key, e);
 }
 
-static __always_inline void ct_tbl_delete(u32 fam, void *key)
+/* 0 if the key was there and is gone now. */
+static __always_inline int ct_tbl_delete(u32 fam, void *key)
 {
 	if (fam == 4)
-		ct4.delete(key);
-	else
-		ct6.delete(key);
+		return ct4.delete(key);
+	return ct6.delete(key);
 }
 
 static __always_inline u8 ct_key_proto(u32 fam, void *key)

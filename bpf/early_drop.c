@@ -52,15 +52,10 @@ static __always_inline int ct_early_record(u32 fam, u32 slot, u32 idx,
 
 static __always_inline int ct_early_family(struct __sk_buff *skb, const u32 fam)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ct_sweep_req *rq = data;
-	if ((void *)(rq + 1) > data_end)
-		return TC_ACT_SHOT;
-	if (rq->family != fam)
+	struct ct_sweep_req *rq = ct_sweep_req_of(skb, fam);
+	if (!rq)
 		return TC_ACT_SHOT;
 	u32 budget = rq->budget;
-	rq->stalled = 0;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_global *g = ct_glob();
 	if (!cfg || !g)

@@ -8,66 +8,55 @@
  * under the table limit.
  */
 
-static __always_inline void ct_acked_one(u32 fam)
+union ct_ack {
+	struct ct_ack4 a4;
+	struct ct_ack6 a6;
+};
+
+/* fam is a constant at each call (see ct_sweep_family). */
+static __always_inline int ct_ack_family(struct __sk_buff *skb, const u32 fam)
 {
-	struct ct_global *g = ct_glob();
-	if (g) {
-		__sync_fetch_and_add(&g->entries, -1);
-		__sync_fetch_and_add(&g->dying, -1);
-		if (fam == 6)
-			__sync_fetch_and_add(&g->entries6, -1);
+	struct ct_ack_hdr hdr;
+	if (bpf_skb_load_bytes(skb, 0, &hdr, sizeof(hdr)))
+		return TC_ACT_SHOT;
+	const u32 rec = fam == 4 ? sizeof(struct ct_ack4) : sizeof(struct ct_ack6);
+	u32 acked = 0, stale = 0;
+	for (u32 i = 0; i < CT_ACK_BATCH; i++) {
+		if (i >= hdr.count)
+			break;
+		union ct_ack a;
+		if (bpf_skb_load_bytes(skb, sizeof(hdr) + i * rec, &a, rec))
+			break;
+		void *key = fam == 4 ? (void *)&a.a4.key : (void *)&a.a6.key;
+		u64 ct_id = fam == 4 ? a.a4.ct_id : a.a6.ct_id;
+		struct ct_entry *e = (ct_key_dying(fam, key) & CT_KEY_DYING) ?
+			ct_tbl_lookup(fam, key) : 0;
+		if (!e || e->ct_id != ct_id || ct_tbl_delete(fam, key)) {
+			stale++;
+			continue;
+		}
+		struct ct_global *g = ct_glob();
+		if (g) {
+			__sync_fetch_and_add(&g->entries, -1);
+			__sync_fetch_and_add(&g->dying, -1);
+			if (fam == 6)
+				__sync_fetch_and_add(&g->entries6, -1);
+		}
+		acked++;
 	}
-	ct_stat_inc(CT_STAT_ACKED);
+	ct_stat_add(CT_STAT_ACKED, acked);
+	ct_stat_add(CT_STAT_ACK_STALE, stale);
+	hdr.acked = acked;
+	bpf_skb_store_bytes(skb, 0, &hdr, sizeof(hdr), 0);
+	return TC_ACT_OK;
 }
 
 int ct_ack4(struct __sk_buff *skb)
 {
-	struct ct_ack_hdr hdr;
-	if (bpf_skb_load_bytes(skb, 0, &hdr, sizeof(hdr)))
-		return TC_ACT_SHOT;
-	u32 acked = 0, stale = 0;
-	for (u32 i = 0; i < CT_ACK_BATCH; i++) {
-		if (i >= hdr.count)
-			break;
-		struct ct_ack4 a;
-		if (bpf_skb_load_bytes(skb, sizeof(hdr) + i * sizeof(a), &a, sizeof(a)))
-			break;
-		struct ct_entry *e = (a.key.dying & CT_KEY_DYING) ? ct4.lookup(&a.key) : 0;
-		if (!e || e->ct_id != a.ct_id || ct4.delete(&a.key)) {
-			stale++;
-			continue;
-		}
-		ct_acked_one(4);
-		acked++;
-	}
-	ct_stat_add(CT_STAT_ACK_STALE, stale);
-	hdr.acked = acked;
-	bpf_skb_store_bytes(skb, 0, &hdr, sizeof(hdr), 0);
-	return TC_ACT_OK;
+	return ct_ack_family(skb, 4);
 }
 
 int ct_ack6(struct __sk_buff *skb)
 {
-	struct ct_ack_hdr hdr;
-	if (bpf_skb_load_bytes(skb, 0, &hdr, sizeof(hdr)))
-		return TC_ACT_SHOT;
-	u32 acked = 0, stale = 0;
-	for (u32 i = 0; i < CT_ACK_BATCH; i++) {
-		if (i >= hdr.count)
-			break;
-		struct ct_ack6 a;
-		if (bpf_skb_load_bytes(skb, sizeof(hdr) + i * sizeof(a), &a, sizeof(a)))
-			break;
-		struct ct_entry *e = (a.key.dying & CT_KEY_DYING) ? ct6.lookup(&a.key) : 0;
-		if (!e || e->ct_id != a.ct_id || ct6.delete(&a.key)) {
-			stale++;
-			continue;
-		}
-		ct_acked_one(6);
-		acked++;
-	}
-	ct_stat_add(CT_STAT_ACK_STALE, stale);
-	hdr.acked = acked;
-	bpf_skb_store_bytes(skb, 0, &hdr, sizeof(hdr), 0);
-	return TC_ACT_OK;
+	return ct_ack_family(skb, 6);
 }

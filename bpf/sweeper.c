@@ -122,19 +122,27 @@ static __always_inline void ct_sweep_slot_done(u32 fam, struct ct_wheel_slot_key
 	ct_wslots.delete(sk);
 }
 
-/* fam is a constant at each call, so the compiler drops the other family's
- * branches: the verifier could not explore both within its limits. */
-static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
+/* The request of a sweeper or early-drop run, in the test packet; NULL if it
+ * is short or names the other family. */
+static __always_inline struct ct_sweep_req *ct_sweep_req_of(struct __sk_buff *skb, u32 fam)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ct_sweep_req *rq = data;
-	if ((void *)(rq + 1) > data_end)
-		return TC_ACT_SHOT;
-	if (rq->family != fam)
+	if ((void *)(rq + 1) > data_end || rq->family != fam)
+		return 0;
+	rq->stalled = 0;
+	return rq;
+}
+
+/* fam is a constant at each call, so the compiler drops the other family's
+ * branches: the verifier could not explore both within its limits. */
+static __always_inline int ct_sweep_family(struct __sk_buff *skb, const u32 fam)
+{
+	struct ct_sweep_req *rq = ct_sweep_req_of(skb, fam);
+	if (!rq)
 		return TC_ACT_SHOT;
 	u32 budget = rq->budget;
-	rq->stalled = 0;
 	struct ct_config *cfg = ct_cfg();
 	struct ct_global *g = ct_glob();
 	if (!cfg || !g)

@@ -75,12 +75,17 @@ def pin(pin_dir, pair):
     """A private pin dir; whatever a failed test left attached or pinned
     there is detached and removed afterwards."""
     yield pin_dir
+    detach_and_remove(pin_dir)
+
+
+def detach_and_remove(pin_dir: str) -> None:
+    """Detach whatever a test left attached at pin_dir and remove its pins and
+    state files (the daemon's flock file stays by design; do not pile them up)."""
     if os.path.exists(pin_dir) or state_file(pin_dir, ".json").exists():
         with contextlib.suppress(subprocess.TimeoutExpired):
             ctstream("detach", "--pin-dir", pin_dir, timeout=30)
     shutil.rmtree(pin_dir, ignore_errors=True)
     state_file(pin_dir, ".json").unlink(missing_ok=True)
-    # the daemon's flock file stays by design; do not pile them up
     state_file(pin_dir, ".lock").unlink(missing_ok=True)
 
 

@@ -21,10 +21,8 @@ import collections
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,12 +31,11 @@ from pathlib import Path
 import pytest
 
 from streamer import abi, testbed
-from streamer.loader import STATE_DIR
 from streamer.table import PinnedTable
+from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove, state_file
 
 pytestmark = pytest.mark.root
 
-CTSTREAM = str(Path(sys.executable).with_name("ctstream"))
 ATTACH_TIMEOUT = 30   # compile (BCC) + load (or adopt) + attach
 TCP_PORT = 5003
 UDP_PORT = 5002
@@ -51,15 +48,6 @@ GRACE = ["--grace", "3"]
 MIN_HEADERS = {4: 40, 6: 60}
 IP_HEADER = {4: 20, 6: 40}
 COUNTERS = ("packets_orig", "bytes_orig", "packets_reply", "bytes_reply")
-
-
-def state_file(pin_dir: str, suffix: str) -> Path:
-    return STATE_DIR / (pin_dir.strip("/").replace("/", "_") + suffix)
-
-
-def ctstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([CTSTREAM, *args], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def stats(pin: str) -> dict:
@@ -165,12 +153,7 @@ def bed(pin_dir, tmp_path):
                     d.proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     d.proc.wait(timeout=10)
-            if os.path.exists(pin_dir) or state_file(pin_dir, ".json").exists():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    ctstream("detach", "--pin-dir", pin_dir, timeout=30)
-            shutil.rmtree(pin_dir, ignore_errors=True)
-            state_file(pin_dir, ".json").unlink(missing_ok=True)
-            state_file(pin_dir, ".lock").unlink(missing_ok=True)
+            detach_and_remove(pin_dir)
 
 
 # --- what the sink holds ---------------------------------------------------------------
