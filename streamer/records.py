@@ -1,0 +1,146 @@
+"""Conntrack events as wire records (schemas/ctstream-event.v1.json) and
+their Kafka message keys.
+
+This is the daemon's hot path (100k+ records/s): records are built as dict
+literals and never validated here. tests/unit/test_records.py validates what
+these functions make against the schema, for every event type and family.
+
+Keys: all events of one connection (same nodeId and ctId) share a key, so
+that they land in one partition, in order. LOST records use ctId 0, which the
+datapath never gives a connection, so their key is stable and their own.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+from .events import Event, LostReport
+from .wire import SCHEMA_VERSION, WireError, encode
+
+# events.Event names the kernel's CREATE "NEW", as conntrack -E does.
+EVENT_TYPES = {"NEW": "CREATE", "CREATE": "CREATE", "UPDATE": "UPDATE",
+               "DESTROY": "DESTROY", "SNAPSHOT": "SNAPSHOT"}
+
+PROTOCOL_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+
+# IPFIX flowEndReason (1 idleTimeout, 3 endOfFlowDetected, 4 forcedEnd,
+# 5 lackOfResources) of the datapath's end reasons (abi.END_NAMES). A reset
+# or a tuple reused after the close is the end of the flow seen in its
+# packets, as a FIN is. ctstream has no active timeout (2): long flows get
+# periodic UPDATEs and live on.
+END_REASONS = {"idle": 1, "fin": 3, "rst": 3, "reuse": 3, "early": 5}
+# A DESTROY whose reason the datapath did not record (none, or a code this
+# version does not know).
+FORCED_END = 4
+
+# Counters every LOST record carries (the schema requires them), 0 when the
+# report does not name them.
+LOST_COUNTERS = ("ring_full", "table_full", "untracked_packets", "untracked_bytes",
+                 "early_drops", "destroy_retries")
+
+# events.Event does not carry the kernel's per-direction TCP flags yet
+# (abi.RawEvent does). Until it does, records say 0, as for other protocols.
+_EVENT_HAS_TCP_FLAGS = hasattr(Event, "tcp_flags_orig") and hasattr(Event, "tcp_flags_reply")
+
+
+def check_node_id(node_id: str) -> str:
+    """The node id, if the schema accepts it (1..255 characters); ConfigError
+    otherwise. Call it once at start: record_of trusts its node_id."""
+    if not isinstance(node_id, str) or not 1 <= len(node_id) <= 255:
+        raise ConfigError(f"node id must be 1..255 characters, got {node_id!r}")
+    return node_id
+
+
+def record_of(ev: Event, node_id: str) -> dict:
+    """The wire record of one conntrack event (CREATE, UPDATE, DESTROY).
+
+    ICMP and ICMPv6 flows carry the echo id as sourceTransportPort, as the
+    datapath keys them. flowEndReason is an IPFIX code on DESTROY, null
+    otherwise. WireError for an event type the schema does not know.
+    """
+    try:
+        event_type = EVENT_TYPES[ev.type]
+    except KeyError:
+        raise WireError(f"event type {ev.type!r} has no wire record") from None
+    proto = PROTOCOL_NUMBERS.get(ev.proto)
+    if proto is None:
+        proto = int(ev.proto)  # events.Event spells unknown protocols as their number
+    if event_type == "DESTROY":
+        end_reason = END_REASONS.get(ev.end_reason, FORCED_END)
+    else:
+        end_reason = None
+    if _EVENT_HAS_TCP_FLAGS:
+        flags_initiator, flags_responder = ev.tcp_flags_orig, ev.tcp_flags_reply
+    else:
+        flags_initiator = flags_responder = 0
+    record = {
+        "schemaVersion": SCHEMA_VERSION,
+        "eventType": event_type,
+        "nodeId": node_id,
+        "ctId": ev.ct_id,
+        "seq": ev.seq,
+        "observationTimeMilliseconds": ev.time_ms,
+        "sourceTransportPort": ev.sport,
+        "destinationTransportPort": ev.dport,
+        "protocolIdentifier": proto,
+        "vlanId": ev.vlan,
+        "tcpState": ev.state,
+        "assured": ev.assured,
+        "initiatorPackets": ev.packets_orig,
+        "responderPackets": ev.packets_reply,
+        "initiatorOctets": ev.bytes_orig,
+        "responderOctets": ev.bytes_reply,
+        "flowStartMilliseconds": ev.first_ms,
+        "flowEndMilliseconds": ev.last_ms,
+        "flowEndReason": end_reason,
+        "missedEvents": ev.missed,
+        "retries": ev.retries,
+        "tcpControlBitsInitiator": flags_initiator,
+        "tcpControlBitsResponder": flags_responder,
+    }
+    if ev.family == 4:
+        record["sourceIPv4Address"] = ev.src
+        record["destinationIPv4Address"] = ev.dst
+    else:
+        record["sourceIPv6Address"] = ev.src
+        record["destinationIPv6Address"] = ev.dst
+    return record
+
+
+def lost_record(rep: LostReport, node_id: str, *, seq: int | None = None) -> dict:
+    """The wire record of a LOST report.
+
+    The schema promises counters that are cumulative since the datapath was
+    loaded (so a duplicate or a missing LOST record does no harm): `rep.lost`
+    must hold the datapath's totals (table.read_counters), not the growth
+    since the last report that the text sinks show. Counters the report does
+    not name are 0; extra counters (outbox_full, ...) are kept.
+
+    `seq` defaults to the report's time in whole seconds since the epoch: it
+    grows from one report to the next also across daemon restarts, so the
+    dedupe key (nodeId, 0, seq) of a new report never repeats an old one's
+    (a count kept in memory would restart at 1). It fits 32 bits until 2106.
+    Reports less than a second apart need an explicit seq.
+    """
+    lost = dict.fromkeys(LOST_COUNTERS, 0)
+    lost.update(rep.lost)
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "eventType": "LOST",
+        "nodeId": node_id,
+        "ctId": 0,
+        "seq": rep.time_ms // 1000 if seq is None else seq,
+        "observationTimeMilliseconds": rep.time_ms,
+        "lost": lost,
+    }
+
+
+def message_key(record: dict) -> bytes:
+    """The Kafka message key of a record: b"<nodeId>/<ctId>". Every event of
+    one connection has the same key; LOST records have b"<nodeId>/0"."""
+    return f"{record['nodeId']}/{record['ctId']}".encode()
+
+
+def encode_event(ev: Event, node_id: str) -> tuple[bytes, bytes]:
+    """(key, value) of one event, ready for producer.Producer.send."""
+    record = record_of(ev, node_id)
+    return f"{node_id}/{ev.ct_id}".encode(), encode(record)
