@@ -1,0 +1,999 @@
+"""The durable local spool: where records wait while Kafka cannot take them.
+
+The daemon appends a record (its Kafka key and msgpack value) and, after a
+`sync()` that covers it, may ack the DESTROY to the kernel's outbox: from then
+on the record survives SIGKILL and power loss. When Kafka is back the daemon
+drains the spool in offset order (`read`, produce, `mark_delivered`).
+
+Files in the spool directory (mode 0700, one process at a time: `lock` is
+flock'ed for as long as the spool is open):
+
+- `seg-<first offset, 20 digits>.spool`: append-only segments. Every offset
+  in a segment is >= its name and below the next segment's name. A segment
+  rolls when the next record would take it past `segment_bytes`.
+- `cursor`: the delivered cursor, the highest offset Kafka acked with every
+  lower one. Replaced by write + fsync + rename + fsync of the directory.
+- `archive/`: delivered segments kept for replay when `archive_bytes` or
+  `archive_s` is set, pruned oldest first by total size and by age (the file's
+  mtime: when its last record was written).
+
+A record is one frame, little-endian:
+
+    magic "\\xc7CSp" | crc32 u32 | payload length u32 | key length u32 |
+    offset u64 | time_ms i64 | key | value
+
+The CRC (zlib.crc32) covers everything after itself: lengths, offset, time,
+key and value. The header is 32 bytes.
+
+Recovery on open reads every live segment, keeps every frame whose CRC holds,
+and resynchronises after a bad one on the next magic that starts a valid
+frame with a higher offset. A bad tail of the last segment (a write torn by a
+crash) is cut so that appends continue after the last good frame; a bad tail
+of an older segment is skipped and left in place. Each is a line in
+`Spool.recovery.problems`. Offsets continue after the highest intact offset
+(or the cursor, if higher). An offset handed out by `append` for a record that
+a crash lost before its `sync` may be handed out again: only offsets up to
+`durable_offset` are promises.
+
+Bound policy: `depth_bytes` counts the bytes not yet delivered (appended,
+synced or not, plus any unreadable regions, which hold disk until their
+segment retires). An append that would take it past `max_bytes` raises
+SpoolFull, writes nothing, counts the refusal in `full_refusals` and sets
+`full` until an append succeeds or a delivery frees room. The daemon must then
+not ack that DESTROY: the kernel keeps it in its dying outbox and emits it
+again after its grace time, by which point the drain may have made room. So a
+full spool loses no DESTROY; it moves the wait into the kernel's table, whose
+own limit is the next line of defence. CREATE and UPDATE records are not
+retried by the kernel: a refused one is gone and should be counted as such.
+Disk use is at most about max_bytes, plus one segment of delivered records
+still in the active segment, plus the archive's bound.
+
+Threads: `append` may run on the event loop while `sync`, `read` and
+`mark_delivered` run in worker threads. Appends hold a short lock and never
+do I/O; a sync hands the current buffer to the disk while appends fill the
+next one. `read` and `mark_delivered` are meant for one drain at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import ConfigError, StreamerError
+
+MAGIC = b"\xc7CSp"
+HEADER = struct.Struct("<4sIIIQq")   # magic, crc, payload len, key len, offset, time_ms
+_PREFIX = struct.Struct("<4sI")      # magic, crc
+_BODY = struct.Struct("<IIQq")       # what the CRC starts with
+HEADER_BYTES = HEADER.size           # 32
+MAX_PAYLOAD = 64 << 20               # a longer length field is garbage, not a record
+INDEX_STRIDE = 64 << 10              # one sparse index entry per this many segment bytes
+READ_CHUNK = 256 << 10
+MIN_SEGMENT_BYTES = 256
+MAX_OFFSET = (1 << 63) - 1
+CURSOR_MAGIC = b"ctstream-spool-cursor"
+_SEGMENT_NAME = re.compile(r"seg-(\d{20})\.spool")
+_HINTS_KEPT = 64
+
+assert HEADER_BYTES == 32 and _PREFIX.size + _BODY.size == HEADER_BYTES
+
+
+class SpoolError(StreamerError):
+    """The spool cannot be opened, read or written."""
+
+
+class SpoolFull(SpoolError):
+    """An append was refused: undelivered records already fill max_bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    offset: int
+    time_ms: int
+    key: bytes
+    value: bytes
+
+
+@dataclass
+class RecoveryReport:
+    segments: int = 0
+    records: int = 0
+    skipped_records: int = 0
+    skipped_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = (f"{self.segments} segments, {self.records} records recovered, "
+                f"{self.skipped_records} records ({self.skipped_bytes} bytes) skipped")
+        return "; ".join([text] + self.problems)
+
+
+def segment_name(first: int) -> str:
+    return f"seg-{first:020d}.spool"
+
+
+# ---------------------------------------------------------------- frames
+
+def _frame_at(data, i: int, size: int, after: int, below: int | None):
+    """(end, offset, time_ms) of the valid frame at data[i:size], else the
+    reason it is not one. A valid frame's offset lies in (after, below)."""
+    if size - i < HEADER_BYTES:
+        return "truncated header"
+    magic, crc, plen, klen, off, t = HEADER.unpack_from(data, i)
+    if magic != MAGIC:
+        return "bad magic"
+    if plen > MAX_PAYLOAD or klen > plen:
+        return f"bad header (lengths {plen}/{klen})"
+    end = i + HEADER_BYTES + plen
+    if end > size:
+        return "truncated frame"
+    with memoryview(data) as mv:
+        if zlib.crc32(mv[i + 8:end]) != crc:
+            return "bad checksum"
+    if off <= after or (below is not None and off >= below):
+        return f"offset {off} out of order"
+    return end, off, t
+
+
+def _resync(data, i: int, size: int, after: int, below: int | None) -> int | None:
+    """Where the next valid frame starts after position i, if anywhere."""
+    j = data.find(MAGIC, i + 1, size)
+    while j != -1:
+        if type(_frame_at(data, j, size, after, below)) is tuple:
+            return j
+        j = data.find(MAGIC, j + 1, size)
+    return None
+
+
+def _torn_frames(data, i: int, size: int) -> int:
+    """How many frames a bad tail from i held, judged by their headers."""
+    n = 0
+    while i < size:
+        if size - i < HEADER_BYTES:
+            return n + MAGIC.startswith(bytes(data[i:min(i + 4, size)]))
+        magic, _crc, plen, klen, _off, _t = HEADER.unpack_from(data, i)
+        if magic != MAGIC or plen > MAX_PAYLOAD or klen > plen:
+            return n
+        n += 1
+        i += HEADER_BYTES + plen
+    return n
+
+
+def _scan(data, size: int, first: int, below: int | None):
+    """Walk a segment's bytes up to `size`. Yields ("frame", pos, end, offset,
+    time_ms) for each valid frame, and ("bad", start, end, why, records,
+    next_offset) for each region that holds none; next_offset is None for a
+    bad tail."""
+    pos, after = 0, first - 1
+    while pos < size:
+        got = _frame_at(data, pos, size, after, below)
+        if type(got) is tuple:
+            end, off, t = got
+            yield ("frame", pos, end, off, t)
+            pos, after = end, off
+            continue
+        nxt = _resync(data, pos, size, after, below)
+        if nxt is None:
+            yield ("bad", pos, size, got, _torn_frames(data, pos, size), None)
+            return
+        off = HEADER.unpack_from(data, nxt)[4]
+        yield ("bad", pos, nxt, got, off - after - 1, off)
+        pos = nxt
+
+
+def _map(fd: int):
+    """The file's bytes, mapped read-only (b"" when empty)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return b""
+    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+
+
+def iter_file(path: str, from_ms: int, to_ms: int, limit: int | None = None,
+              first: int = 0, moved_to: str | None = None) -> Iterator[SpoolRecord]:
+    """The valid records of one segment file, up to byte `limit`, whose
+    time_ms lies in [from_ms, to_ms); damaged regions are passed over. If the
+    file is gone, `moved_to` is where it may have gone meanwhile."""
+    fd = -1
+    for candidate in (path, moved_to):
+        if candidate is None:
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+            break
+        except FileNotFoundError:
+            continue
+    if fd < 0:
+        return
+    try:
+        data = _map(fd)
+        size = len(data) if limit is None else min(limit, len(data))
+        try:
+            for item in _scan(data, size, first, None):
+                if item[0] == "frame" and from_ms <= item[4] < to_ms:
+                    _, pos, end, off, t = item
+                    k0 = pos + HEADER_BYTES
+                    k1 = k0 + HEADER.unpack_from(data, pos)[3]
+                    yield SpoolRecord(off, t, bytes(data[k0:k1]), bytes(data[k1:end]))
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
+    finally:
+        os.close(fd)
+
+
+def iter_archive(directory: str, from_ms: int, to_ms: int) -> Iterator[SpoolRecord]:
+    """Archived records with from_ms <= time_ms < to_ms, in offset order.
+    Needs no lock: archived segments never change, and one pruned while it is
+    read stays readable through the open descriptor."""
+    adir = os.path.join(directory, "archive")
+    for first, name in _segment_files(adir)[0]:
+        yield from iter_file(os.path.join(adir, name), from_ms, to_ms, first=first)
+
+
+def _segment_files(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """(first offset, name) of the segments in a directory, sorted, and the
+    names that look like segments but cannot be."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return [], []
+    good, bad = [], []
+    for entry in entries:
+        name = entry.name
+        if not entry.is_file(follow_symlinks=False):
+            if name.startswith("seg-"):
+                bad.append(name)
+            continue
+        m = _SEGMENT_NAME.fullmatch(name)
+        if m and int(m.group(1)) <= MAX_OFFSET:
+            good.append((int(m.group(1)), name))
+        elif name.startswith("seg-"):
+            bad.append(name)
+    good.sort()
+    return good, sorted(bad)
+
+
+# ---------------------------------------------------------------- segments
+
+class _Segment:
+    """What the spool knows of one live segment file. `bytes` and `records`
+    include what is still buffered; `durable_bytes` is what a sync made safe
+    and what readers may look at. `delivered_pos` is the frame boundary after
+    the last delivered frame. A sealed segment's `bound` is the next one's
+    first offset: it can hold no offset at or above it. `holes` maps the start of each unreadable region
+    to its end. The sparse index lists (offset, position, ordinal) of a frame
+    every INDEX_STRIDE bytes, so a reader seeks without scanning the file."""
+
+    __slots__ = ("path", "name", "first", "last", "records", "bytes", "durable_bytes",
+                 "delivered_pos", "delivered_records", "holes", "index_offsets",
+                 "index_at", "next_index_at", "wfd", "rfd", "sealed", "bound", "on_disk")
+
+    def __init__(self, directory: str, first: int):
+        self.name = segment_name(first)
+        self.path = os.path.join(directory, self.name)
+        self.first = first
+        self.last = first - 1
+        self.records = 0
+        self.bytes = 0
+        self.durable_bytes = 0
+        self.delivered_pos = 0
+        self.delivered_records = 0
+        self.holes: dict[int, int] = {}
+        self.index_offsets: list[int] = []
+        self.index_at: list[tuple[int, int]] = []
+        self.next_index_at = 0
+        self.wfd: int | None = None
+        self.rfd: int | None = None
+        self.sealed = False
+        self.bound = MAX_OFFSET + 1
+        self.on_disk = False
+
+    def seal(self, bound: int) -> None:
+        self.bound = bound
+        self.sealed = True
+
+    def delivered_by(self, cursor: int) -> bool:
+        """Every offset this segment can hold is at or below the cursor. For a
+        damaged segment that is more than its last intact record: it stays
+        until the cursor has passed the whole range it may have held."""
+        return self.sealed and self.bound - 1 <= cursor
+
+    def add_index(self, offset: int, pos: int, ordinal: int) -> None:
+        self.index_offsets.append(offset)
+        self.index_at.append((pos, ordinal))
+        self.next_index_at = pos + INDEX_STRIDE
+
+    def seek_point(self, after: int) -> tuple[int, int, int]:
+        """(position, ordinal, offset before it) of a frame boundary at or
+        before the first frame with an offset above `after`."""
+        k = bisect.bisect_right(self.index_offsets, after) - 1
+        if k < 0:
+            return 0, 0, self.first - 1
+        pos, ordinal = self.index_at[k]
+        return pos, ordinal, self.index_offsets[k] - 1
+
+    def close_fds(self) -> None:
+        for attr in ("wfd", "rfd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+
+
+# ---------------------------------------------------------------- the spool
+
+class Spool:
+    """Open with Spool.open(directory, ...); see the module docstring."""
+
+    def __init__(self) -> None:
+        raise TypeError("use Spool.open(directory, ...)")
+
+    @classmethod
+    def open(cls, directory, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20,
+             archive_bytes: int = 0, archive_s: float = 0.0) -> "Spool":
+        directory = os.fspath(directory)
+        if max_bytes <= HEADER_BYTES:
+            raise ConfigError(f"spool max_bytes must be above {HEADER_BYTES}, got {max_bytes}")
+        if segment_bytes < MIN_SEGMENT_BYTES:
+            raise ConfigError(f"spool segment_bytes must be at least {MIN_SEGMENT_BYTES}, "
+                              f"got {segment_bytes}")
+        if archive_bytes < 0 or archive_s < 0:
+            raise ConfigError("spool archive_bytes and archive_s cannot be negative")
+        self = object.__new__(cls)
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.archive_bytes = archive_bytes
+        self.archive_s = float(archive_s)
+        self.archive_dir = os.path.join(directory, "archive")
+        self.read_problems: list[str] = []
+        self.full_refusals = 0
+        self._full = False
+        self._room = max_bytes
+        self._closed = False
+        self._failed: str | None = None
+        self._lock = threading.Lock()        # in-memory state; held briefly, never over I/O
+        self._sync_lock = threading.Lock()   # one sync at a time, so buffers reach disk in order
+        self._drain_lock = threading.Lock()  # read, mark_delivered and retirement
+        self._hints: dict[int, tuple[_Segment, int, int]] = {}
+        self._lock_fd = self._dir_fd = -1
+        try:
+            self._take_lock()
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._recover()
+        except BaseException:
+            self._release_fds()
+            raise
+        return self
+
+    @property
+    def archiving(self) -> bool:
+        return self.archive_bytes > 0 or self.archive_s > 0
+
+    # -- opening
+
+    def _take_lock(self) -> None:
+        try:
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, mode=0o700)
+                # The new directory's own name must survive a power cut too.
+                _fsync_dir(os.path.dirname(os.path.abspath(self.directory)))
+        except OSError as exc:
+            raise SpoolError(f"cannot create the spool directory {self.directory}: "
+                             f"{exc.strerror}") from exc
+        path = os.path.join(self.directory, "lock")
+        try:
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool lock {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise SpoolError(f"cannot lock the spool {self.directory}: "
+                                 f"{exc.strerror}") from exc
+            holder = os.pread(self._lock_fd, 32, 0).decode("ascii", "replace").strip()
+            raise SpoolError(f"the spool {self.directory} is already open "
+                             f"(lock {path} held{' by pid ' + holder if holder else ''}); "
+                             f"only one process may use a spool directory") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _recover(self) -> None:
+        report = RecoveryReport()
+        self.recovery = report
+        tmp = os.path.join(self.directory, "cursor.tmp")
+        if os.path.exists(tmp):
+            os.unlink(tmp)      # a cursor write that never reached its rename
+        delivered = self._read_cursor(report)
+        files, bad_names = _segment_files(self.directory)
+        for name in bad_names:
+            report.problems.append(f"{os.path.join(self.directory, name)}: not a segment "
+                                   f"name (seg-<20 digits>.spool, offset below 2^63); ignored")
+        segments = []
+        highest = -1
+        for k, (first, name) in enumerate(files):
+            below = files[k + 1][0] if k + 1 < len(files) else None
+            seg = self._recover_segment(first, below, delivered, report)
+            segments.append(seg)
+            if seg.records:
+                highest = max(highest, seg.last)
+        report.segments = len(segments)
+        for seg, nxt in zip(segments, segments[1:]):
+            seg.seal(nxt.first)
+        self._segments: list[_Segment] = segments
+        self._active: _Segment | None = segments[-1] if segments else None
+        self._next = max(highest + 1, delivered + 1,
+                         self._active.first if self._active else 0)
+        self._durable = self._next - 1
+        self._delivered = delivered
+        self._buf = bytearray()
+        self._pieces: list[tuple[_Segment, bytearray]] = (
+            [(self._active, self._buf)] if self._active else [])
+        # A crash between the cursor's rename and the retirement it allowed
+        # leaves wholly delivered segments behind; finish the job.
+        with self._drain_lock:
+            self._retire([s for s in segments if s.delivered_by(delivered)])
+            if self.archiving:
+                self.prune_archive()
+        self._depth_bytes = sum(s.bytes - s.delivered_pos for s in self._segments)
+        self._depth_records = sum(s.records - s.delivered_records for s in self._segments)
+
+    def _recover_segment(self, first: int, below: int | None, delivered: int,
+                         report: RecoveryReport) -> _Segment:
+        seg = _Segment(self.directory, first)
+        seg.on_disk = True
+        last_file = below is None
+        try:
+            fd = os.open(seg.path, (os.O_RDWR if last_file else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool segment {seg.path}: {exc.strerror}") from exc
+        cut = None
+        try:
+            data = _map(fd)
+            size = len(data)
+            try:
+                for item in _scan(data, size, first, below):
+                    if item[0] == "frame":
+                        _, pos, end, off, _t = item
+                        if pos >= seg.next_index_at:
+                            seg.add_index(off, pos, seg.records)
+                        seg.records += 1
+                        seg.last = off
+                        if off <= delivered:
+                            seg.delivered_pos, seg.delivered_records = end, seg.records
+                        continue
+                    _, start, end, why, lost, nxt = item
+                    report.skipped_bytes += end - start
+                    report.skipped_records += max(lost, 0)
+                    if nxt is not None:
+                        seg.holes[start] = end
+                        report.problems.append(
+                            f"{seg.path}: byte {start}: {why}; skipped {end - start} bytes "
+                            f"({lost} records, offsets {nxt - lost}..{nxt - 1}), "
+                            f"resumed at the valid frame at byte {end}")
+                    elif last_file:
+                        cut = start
+                        report.problems.append(
+                            f"{seg.path}: byte {start}: {why}; truncated tail of "
+                            f"{end - start} bytes ({lost} records) cut, the file now "
+                            f"ends at byte {start}")
+                    else:
+                        seg.holes[start] = end
+                        report.problems.append(
+                            f"{seg.path}: byte {start}: {why}; the {end - start} bytes "
+                            f"to the end of this older segment ({lost} records) skipped")
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+            if cut is not None:
+                os.ftruncate(fd, cut)
+                os.fsync(fd)
+                size = cut
+        except OSError as exc:
+            raise SpoolError(f"cannot recover the spool segment {seg.path}: "
+                             f"{exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        seg.bytes = seg.durable_bytes = size
+        report.records += seg.records
+        return seg
+
+    def _read_cursor(self, report: RecoveryReport) -> int:
+        path = os.path.join(self.directory, "cursor")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(128)
+        except FileNotFoundError:
+            return -1
+        try:
+            magic, version, text, crc = raw.split()
+            offset = int(text)
+            if (magic != CURSOR_MAGIC or version != b"1" or not -1 <= offset <= MAX_OFFSET
+                    or int(crc, 16) != zlib.crc32(text)):
+                raise ValueError
+        except ValueError:
+            report.problems.append(f"{path}: unreadable delivered cursor {raw[:60]!r}; "
+                                   f"every record left will be sent again")
+            return -1
+        return offset
+
+    # -- writing
+
+    def append(self, key: bytes, value: bytes, time_ms: int) -> int:
+        """Buffer one record; returns its offset. Durable after the next sync()."""
+        plen = len(key) + len(value)
+        flen = HEADER_BYTES + plen
+        with self._lock:
+            # _room is -1 once closed or failed, so one test guards the fast path.
+            if self._depth_bytes + flen > self._room or plen > MAX_PAYLOAD:
+                self._refuse(flen, plen)
+            off = self._next
+            try:
+                body = _BODY.pack(plen, len(key), off, time_ms) + key + value
+            except struct.error as exc:
+                raise SpoolError(f"cannot spool a record with time_ms {time_ms!r}: {exc}") from None
+            seg = self._active
+            if seg is None or (seg.bytes + flen > self.segment_bytes and seg.bytes):
+                seg = self._roll(off)
+            pos = seg.bytes
+            if pos >= seg.next_index_at:
+                seg.add_index(off, pos, seg.records)
+            buf = self._buf
+            buf += _PREFIX.pack(MAGIC, zlib.crc32(body))
+            buf += body
+            seg.bytes = pos + flen
+            seg.records += 1
+            seg.last = off
+            self._next = off + 1
+            self._depth_bytes += flen
+            self._depth_records += 1
+            self._full = False
+            return off
+
+    def _refuse(self, flen: int, plen: int) -> None:
+        """Why an append cannot go in (caller holds _lock); always raises."""
+        self._check_usable()
+        if flen > self.max_bytes or plen > MAX_PAYLOAD:
+            raise SpoolError(f"a record of {flen} bytes can never fit in the spool "
+                             f"(max_bytes {self.max_bytes}, payload at most {MAX_PAYLOAD})")
+        self._full = True
+        self.full_refusals += 1
+        raise SpoolFull(f"the spool {self.directory} is full: {self._depth_bytes} "
+                        f"undelivered bytes, max_bytes {self.max_bytes}")
+
+    def _roll(self, first: int) -> _Segment:
+        """Seal the active segment and make a new one (caller holds _lock).
+        The file is created by the next sync, which fsyncs the directory."""
+        if self._active is not None:
+            self._active.seal(first)
+        seg = _Segment(self.directory, first)
+        self._segments.append(seg)
+        self._active = seg
+        self._buf = bytearray()
+        self._pieces.append((seg, self._buf))
+        return seg
+
+    def sync(self) -> int:
+        """Write what was appended and fsync it; returns the highest durable
+        offset. Every record appended before the call survives a crash after
+        it returns."""
+        with self._sync_lock:
+            with self._lock:
+                self._check_usable()
+                upto = self._next - 1
+                taken = self._pieces
+                pieces = [(s, b) for s, b in taken if b]
+                if not pieces:
+                    self._durable = upto
+                    return upto
+                self._buf = bytearray()
+                self._pieces = [(self._active, self._buf)]
+            try:
+                created = False
+                for seg, data in pieces:
+                    if seg.wfd is None:
+                        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+                        if not seg.on_disk:
+                            flags |= os.O_CREAT | os.O_EXCL
+                            created = True
+                        seg.wfd = os.open(seg.path, flags, 0o600)
+                        seg.on_disk = True
+                    _write_all(seg.wfd, data)
+                for seg in {id(s): s for s, _ in pieces}.values():
+                    os.fdatasync(seg.wfd)
+                if created:
+                    # A new file's name lives in the directory: without this
+                    # fsync a power cut can lose the whole synced segment.
+                    os.fsync(self._dir_fd)
+            except OSError as exc:
+                # After a failed write or fsync the kernel may have dropped the
+                # dirty pages and will not report it twice: nothing appended
+                # since the last good sync can be trusted, so stop here and let
+                # a reopen recover from what the disk really holds.
+                with self._lock:
+                    self._failed = f"writing {exc.filename or self.directory}: {exc.strerror}"
+                    self._room = -1
+                raise SpoolError(f"the spool {self.directory} cannot write: {exc.strerror}; "
+                                 f"reopen it to recover") from exc
+            with self._lock:
+                for seg, data in pieces:
+                    seg.durable_bytes += len(data)
+                for seg, _ in taken:
+                    # Sealed and not in the new buffers: nothing more goes there.
+                    if (seg.sealed and seg.wfd is not None
+                            and not any(s is seg for s, _ in self._pieces)):
+                        os.close(seg.wfd)
+                        seg.wfd = None
+                self._durable = upto
+            return upto
+
+    # -- draining
+
+    def read(self, max_records: int, after: int | None = None) -> list[SpoolRecord]:
+        """Up to max_records durable records with offsets above `after` (or the
+        delivered cursor, whichever is higher), in offset order."""
+        out: list[SpoolRecord] = []
+        with self._drain_lock:
+            with self._lock:
+                self._check_usable()
+                start = self._delivered if after is None else max(after, self._delivered)
+                upto = self._durable
+                snapshot = [(s, s.durable_bytes) for s in self._segments]
+            if max_records <= 0 or start >= upto:
+                return out
+            firsts = [s.first for s, _ in snapshot]
+            k = max(bisect.bisect_right(firsts, start + 1) - 1, 0)
+            try:
+                self._read_into(out, snapshot[k:], start, upto, max_records)
+            except OSError as exc:
+                raise SpoolError(f"cannot read the spool {self.directory}: {exc.strerror} "
+                                 f"({exc.filename or 'a segment'})") from exc
+        return out
+
+    def _read_into(self, out: list[SpoolRecord], snapshot: list[tuple[_Segment, int]],
+                   start: int, upto: int, max_records: int) -> None:
+        for seg, limit in snapshot:
+            if seg.first > upto or len(out) >= max_records:
+                break
+            if seg.last <= start:
+                continue
+            hint = self._hints.get(start)
+            if hint is not None and hint[0] is seg:
+                pos, ordinal, prev = hint[1], hint[2], start
+            else:
+                pos, ordinal, prev = seg.seek_point(start)
+            taken = len(out)
+            pos, ordinal = self._walk(seg, pos, ordinal, prev, limit, start, upto,
+                                      max_records, out)
+            if len(out) > taken:
+                self._remember(out[-1].offset, seg, pos, ordinal)
+
+    def _remember(self, offset: int, seg: _Segment, pos: int, ordinal: int) -> None:
+        """Keep where the frame after `offset` starts: the next read and the
+        mark_delivered of a batch start there instead of from an index point."""
+        hints = self._hints
+        hints[offset] = (seg, pos, ordinal)
+        while len(hints) > _HINTS_KEPT:
+            del hints[next(iter(hints))]
+
+    def _walk(self, seg: _Segment, pos: int, ordinal: int, prev: int, limit: int,
+              after: int, upto: int, max_records: int, out: list | None) -> tuple[int, int]:
+        """Go through seg's frames from the boundary `pos` (`ordinal` frames
+        before it, offsets up to `prev` before it) up to byte `limit`. Frames
+        with offsets <= after are passed; the next ones up to `upto` go to
+        `out` until it holds max_records (with out None: stop at the first of
+        them). Returns the boundary where it stopped and the number of frames
+        before it."""
+        fd = self._reader(seg)
+        holes = seg.holes
+        want = READ_CHUNK
+        while pos < limit:
+            if pos in holes:
+                pos = holes[pos]
+                continue
+            asked = min(limit - pos, want)
+            data = os.pread(fd, asked, pos)
+            n = len(data)
+            if n < asked:
+                limit = pos + n         # shorter than written: _damaged reports it
+            want = READ_CHUNK
+            i = 0
+            with memoryview(data) as mv:
+                while i < n:
+                    if i and holes and pos + i in holes:
+                        break
+                    if n - i < HEADER_BYTES:
+                        if i and pos + i + HEADER_BYTES <= limit:
+                            break       # the header runs past the chunk: read on from here
+                        return self._damaged(seg, pos + i, ordinal, prev, limit), ordinal
+                    magic, crc, plen, klen, off, t = HEADER.unpack_from(data, i)
+                    end = i + HEADER_BYTES + plen
+                    if (end > n and pos + end <= limit and magic == MAGIC
+                            and plen <= MAX_PAYLOAD and klen <= plen):
+                        want = max(READ_CHUNK, end - i)   # the frame runs past the chunk
+                        break
+                    if (magic != MAGIC or plen > MAX_PAYLOAD or klen > plen or end > n
+                            or zlib.crc32(mv[i + 8:end]) != crc):
+                        resume = self._damaged(seg, pos + i, ordinal, prev, limit)
+                        i = resume - pos
+                        break
+                    if off > after:
+                        if off > upto or out is None or len(out) >= max_records:
+                            return pos + i, ordinal
+                        k0 = i + HEADER_BYTES
+                        out.append(SpoolRecord(off, t, data[k0:k0 + klen],
+                                               data[k0 + klen:end]))
+                    ordinal += 1
+                    prev = off
+                    i = end
+            pos += i
+        return min(pos, limit), ordinal
+
+    def _damaged(self, seg: _Segment, start: int, ordinal: int, prev: int,
+                 limit: int) -> int:
+        """A frame that was valid at recovery or when written no longer is:
+        the file changed under us. Skip to the next valid frame as recovery
+        would, remember the hole and report it; returns where to go on."""
+        data = os.pread(self._reader(seg), max(limit - start, 0), start)
+        nxt = _resync(data, 0, len(data), prev, None)
+        if nxt is None:
+            end, lost = start + len(data), max(_torn_frames(data, 0, len(data)), 1)
+        else:
+            end, lost = start + nxt, max(HEADER.unpack_from(data, nxt)[4] - prev - 1, 0)
+        seg.holes[start] = end
+        with self._lock:
+            seg.records -= lost
+            if ordinal >= seg.delivered_records:
+                self._depth_records -= lost
+        self.read_problems.append(f"{seg.path}: byte {start}: a frame that was valid is "
+                                  f"damaged now; skipped {end - start} bytes ({lost} records)")
+        return end
+
+    def _reader(self, seg: _Segment) -> int:
+        if seg.rfd is None:
+            seg.rfd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        return seg.rfd
+
+    def mark_delivered(self, offset: int) -> None:
+        """Kafka acked every record up to `offset`. Persists the cursor, then
+        retires the segments it wholly covers."""
+        with self._drain_lock:
+            with self._lock:
+                self._check_usable()
+                if offset <= self._delivered:
+                    return
+                if offset > self._durable:
+                    raise SpoolError(f"cannot mark offset {offset} delivered: records are "
+                                     f"durable only up to {self._durable} (sync first)")
+                segments = list(self._segments)
+            # The cursor is durable before any segment it covers goes: a crash
+            # in between leaves a delivered segment (retired at the next open),
+            # never a cursor that lags behind deleted records, which would let
+            # offsets run backwards.
+            self._write_cursor(offset)
+            whole: list[_Segment] = []
+            partial = None
+            for seg in segments:
+                if seg.first > offset:
+                    break
+                if seg.delivered_by(offset):
+                    whole.append(seg)
+                    continue
+                hint = self._hints.get(offset)
+                if hint is not None and hint[0] is seg:
+                    pos, ordinal = hint[1], hint[2]
+                else:
+                    p0, o0, prev = seg.seek_point(offset)
+                    try:
+                        pos, ordinal = self._walk(seg, p0, o0, prev, seg.durable_bytes,
+                                                  offset, offset, 0, None)
+                    except OSError as exc:
+                        raise SpoolError(f"cannot read the spool segment {seg.path}: "
+                                         f"{exc.strerror}") from exc
+                partial = (seg, pos, ordinal)
+                break
+            with self._lock:
+                self._delivered = offset
+                for seg in whole:
+                    self._depth_bytes -= seg.bytes - seg.delivered_pos
+                    self._depth_records -= seg.records - seg.delivered_records
+                    self._segments.remove(seg)
+                if partial is not None:
+                    seg, pos, ordinal = partial
+                    if pos > seg.delivered_pos:
+                        self._depth_bytes -= pos - seg.delivered_pos
+                        self._depth_records -= ordinal - seg.delivered_records
+                        seg.delivered_pos, seg.delivered_records = pos, ordinal
+                if whole or partial:
+                    self._full = False
+            for key in [k for k in self._hints if k < offset]:
+                del self._hints[key]
+            self._retire(whole)
+            if whole and self.archiving:
+                self.prune_archive()
+
+    def _write_cursor(self, offset: int) -> None:
+        text = str(offset).encode()
+        line = b"%s 1 %s %08x\n" % (CURSOR_MAGIC, text, zlib.crc32(text))
+        tmp = os.path.join(self.directory, "cursor.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, line)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            # rename() replaces the old cursor atomically: a crash leaves the
+            # old value or the new one, never a half-written line. The
+            # directory fsync makes the rename itself durable.
+            os.replace(tmp, os.path.join(self.directory, "cursor"))
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot write the spool cursor in {self.directory}: "
+                             f"{exc.strerror}") from exc
+
+    def _retire(self, segments: list[_Segment]) -> None:
+        """Delete or archive wholly delivered segments (caller holds _drain_lock)."""
+        if not segments:
+            return
+        try:
+            if self.archiving:
+                os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
+            for seg in segments:
+                with self._lock:
+                    seg.close_fds()
+                    if seg in self._segments:
+                        self._segments.remove(seg)
+                if self.archiving:
+                    os.replace(seg.path, os.path.join(self.archive_dir, seg.name))
+                else:
+                    os.unlink(seg.path)
+            if self.archiving:
+                _fsync_dir(self.archive_dir)
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot retire delivered spool segments in {self.directory}: "
+                             f"{exc.strerror}") from exc
+
+    # -- the archive
+
+    def prune_archive(self, now: float | None = None) -> int:
+        """Remove archived segments older than archive_s (by mtime) and the
+        oldest ones beyond archive_bytes; returns how many went. Runs at open
+        and after each retirement; a daemon whose spool sits idle should call
+        it now and then for the age limit to hold."""
+        now = time.time() if now is None else now
+        files = []
+        for _first, name in _segment_files(self.archive_dir)[0]:
+            path = os.path.join(self.archive_dir, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            files.append((path, st.st_size, st.st_mtime))
+        total = sum(size for _p, size, _m in files)
+        removed = 0
+        for path, size, mtime in files:          # oldest first
+            too_old = self.archive_s > 0 and mtime < now - self.archive_s
+            too_big = self.archive_bytes > 0 and total > self.archive_bytes
+            if not (too_old or too_big):
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            total -= size
+            removed += 1
+        return removed
+
+    def archived(self, from_ms: int, to_ms: int) -> Iterator[SpoolRecord]:
+        """Delivered records still kept, with from_ms <= time_ms < to_ms, in
+        offset order: the archive, then the delivered part of the live
+        segments (those reach the archive when they retire)."""
+        yield from iter_archive(self.directory, from_ms, to_ms)
+        with self._lock:
+            live = [(s.path, s.delivered_pos, s.first, s.name) for s in self._segments
+                    if s.delivered_pos]
+        for path, limit, first, name in live:
+            # It may retire while we read: then it is in the archive, or gone.
+            yield from iter_file(path, from_ms, to_ms, limit=limit, first=first,
+                                 moved_to=os.path.join(self.archive_dir, name))
+
+    # -- state
+
+    @property
+    def depth_records(self) -> int:
+        return self._depth_records
+
+    @property
+    def depth_bytes(self) -> int:
+        return self._depth_bytes
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    @property
+    def delivered_offset(self) -> int:
+        """-1 until something is delivered."""
+        return self._delivered
+
+    @property
+    def durable_offset(self) -> int:
+        """-1 until something is durable."""
+        return self._durable
+
+    @property
+    def next_offset(self) -> int:
+        return self._next
+
+    @property
+    def segments(self) -> int:
+        return len(self._segments)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SpoolError(f"the spool {self.directory} is closed")
+        if self._failed:
+            raise SpoolError(f"the spool {self.directory} failed ({self._failed}); "
+                             f"reopen it to recover")
+
+    def close(self) -> None:
+        """Sync and release the lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self._failed:
+                self.sync()
+        finally:
+            with self._sync_lock, self._drain_lock, self._lock:
+                if not self._closed:
+                    self._closed = True
+                    self._room = -1
+                    self._release_fds()
+
+    def _release_fds(self) -> None:
+        for seg in getattr(self, "_segments", []):
+            seg.close_fds()
+        for attr in ("_dir_fd", "_lock_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                os.close(fd)        # closing the lock file releases the flock
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Spool {self.directory} delivered={self._delivered} "
+                f"durable={self._durable} depth={self._depth_records}>")
+
+
+def _write_all(fd: int, data) -> None:
+    with memoryview(data) as mv:
+        done = 0
+        while done < len(mv):
+            done += os.write(fd, mv[done:])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
