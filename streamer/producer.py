@@ -1,0 +1,579 @@
+"""The Kafka producer: (key, value) records to one topic, idempotent, acks=all.
+
+`Producer.send(records)` returns when Kafka has acknowledged every record of
+the call, and raises KafkaUnavailable when it cannot say so within the
+delivery timeout. The caller (the daemon) spools what was not acknowledged.
+
+Why not AIOKafkaProducer.send() per record: one future, one partitioner call
+and one metadata check per record cost more than the whole rest of the path.
+Instead each call is cut into one record batch per partition (the Java
+client's murmur2 partitioner, so keys map as Java producers map them) and
+handed to aiokafka with send_batch(). aiokafka still does the sending:
+producer id and sequence numbers (idempotence), one request per broker at a
+time, one batch per partition in a request, retries in place.
+
+Ordering: aiokafka keeps a partition's batches in a queue and never has two
+of them in flight; a retried batch keeps its sequence number and its place.
+Calls enqueue their batches in call order (a FIFO lock), so the events of one
+key reach their partition in the order the calls were made.
+
+Bounded: at most `max_in_flight_records` records are between send() and
+their acknowledgement; a call waits for room, in call order.
+
+Failure: with idempotence on, aiokafka retries a batch forever and never
+fails it on its own. When a call's records are not acknowledged within
+`delivery_timeout_ms`, or anything fails, the producer disconnects: every
+call in flight raises KafkaUnavailable, and aiokafka's client is closed.
+Records already written by Kafka may then be delivered again after start()
+reconnects; the dedupe key (nodeId, ctId, seq) removes such duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import os
+import re
+import ssl
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import aiokafka
+from aiokafka import codec as kafka_codec
+from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
+
+from . import wire
+from .errors import ConfigError, StreamerError
+
+log = logging.getLogger(__name__)
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# Codec name -> does this aiokafka install have it. All but gzip need the
+# cramjam package (aiokafka's extras [lz4], [snappy], [zstd]).
+COMPRESSIONS = {
+    "none": lambda: True,
+    "gzip": kafka_codec.has_gzip,
+    "snappy": kafka_codec.has_snappy,
+    "lz4": kafka_codec.has_lz4,
+    "zstd": kafka_codec.has_zstd,
+}
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
+# How long start() keeps asking for a topic's metadata before it says the
+# topic does not exist (a topic created a moment ago may need a refresh).
+TOPIC_GRACE_S = 2.0
+# Between failed attempts to bootstrap in start().
+CONNECT_BACKOFF_S = 0.5
+# How long tearing down a failed aiokafka client may take.
+ABORT_TIMEOUT_S = 5.0
+ACK_LATENCY_SAMPLES = 4096
+
+
+class KafkaUnavailable(StreamerError):
+    """Kafka cannot be reached, or did not acknowledge records in time. The
+    records of the failed call were not (all) acknowledged: spool them."""
+
+
+@dataclass
+class KafkaSettings:
+    bootstrap: str                        # HOST:PORT[,HOST:PORT...]
+    topic: str
+    client_id: str = "ctstream"
+    # "none", "gzip", "snappy", "lz4" or "zstd". Everything but gzip needs the
+    # cramjam package, which this installation may not have; aiokafka's gzip
+    # (level 9) costs ~10 us per 500-byte record, a whole core at 100k
+    # records/s. See bench/kafka_produce.py.
+    compression: str = "none"
+    # The caller's batching window: how long the daemon may hold events to
+    # fill a send() call. The producer itself sends each call at once.
+    linger_ms: int = 5
+    max_batch_bytes: int = 1 << 20        # one record batch (one partition, one request)
+    max_in_flight_records: int = 50_000   # sent but not yet acknowledged, all calls together
+    request_timeout_ms: int = 10_000      # one request to a broker
+    delivery_timeout_ms: int = 30_000     # a send() call, from the call to the last ack
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+
+    def validate(self) -> "KafkaSettings":
+        """Check every value; ConfigError says which one and why. TLS files
+        are loaded, so a missing, unreadable or malformed file shows here."""
+        self.bootstrap_hosts()
+        if not isinstance(self.topic, str) or not _TOPIC_NAME.fullmatch(self.topic) \
+                or self.topic in (".", ".."):
+            raise ConfigError(f"kafka topic {self.topic!r} is not a valid topic name "
+                              "(1..249 of A-Z a-z 0-9 . _ -)")
+        if not self.client_id:
+            raise ConfigError("kafka client_id must not be empty")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"kafka compression {self.compression!r} is not one of "
+                              f"{', '.join(COMPRESSIONS)}")
+        if not COMPRESSIONS[self.compression]():
+            have = ", ".join(c for c, ok in COMPRESSIONS.items() if ok())
+            raise ConfigError(f"kafka compression {self.compression} needs the cramjam package "
+                              f"(pip install 'aiokafka[{self.compression}]'); available here: {have}")
+        _check_int("linger_ms", self.linger_ms, 0, 60_000)
+        _check_int("max_batch_bytes", self.max_batch_bytes, 1024, 64 << 20)
+        _check_int("max_in_flight_records", self.max_in_flight_records, 1, 10_000_000)
+        _check_int("request_timeout_ms", self.request_timeout_ms, 100, 3_600_000)
+        _check_int("delivery_timeout_ms", self.delivery_timeout_ms, 100, 86_400_000)
+        if self.delivery_timeout_ms < self.request_timeout_ms:
+            raise ConfigError(f"kafka delivery_timeout_ms ({self.delivery_timeout_ms}) must be at "
+                              f"least request_timeout_ms ({self.request_timeout_ms})")
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(f"kafka security_protocol {self.security_protocol!r} is not one of "
+                              f"{', '.join(SECURITY_PROTOCOLS)}")
+        self._validate_sasl()
+        self.ssl_context()
+        return self
+
+    def _validate_sasl(self) -> None:
+        sasl = self.security_protocol.startswith("SASL_")
+        if self.sasl_mechanism is not None and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"kafka sasl_mechanism {self.sasl_mechanism!r} is not one of "
+                              f"{', '.join(SASL_MECHANISMS)}")
+        if not sasl:
+            for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"kafka {name} is set but security_protocol is "
+                                      f"{self.security_protocol}: use SASL_PLAINTEXT or SASL_SSL")
+            return
+        if self.sasl_mechanism is None:
+            raise ConfigError(f"kafka security_protocol {self.security_protocol} needs a "
+                              f"sasl_mechanism ({', '.join(SASL_MECHANISMS)})")
+        if not self.sasl_username:
+            raise ConfigError(f"kafka sasl_mechanism {self.sasl_mechanism} needs a sasl_username")
+        if self.sasl_password is None:
+            raise ConfigError(f"kafka sasl_mechanism {self.sasl_mechanism} needs a sasl_password")
+
+    def bootstrap_hosts(self) -> list[tuple[str, int]]:
+        """(host, port) of every bootstrap server; ConfigError unless the
+        setting is HOST:PORT[,HOST:PORT...] ([v6addr]:PORT for IPv6)."""
+        if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():
+            raise ConfigError("kafka bootstrap is empty: give HOST:PORT, e.g. 127.0.0.1:9092")
+        hosts = []
+        for item in self.bootstrap.split(","):
+            m = _HOST_PORT.fullmatch(item.strip())
+            port = int(m["port"]) if m else 0
+            if not m or not 1 <= port <= 65535:
+                raise ConfigError(f"kafka bootstrap {item.strip()!r} is not HOST:PORT "
+                                  "(e.g. 127.0.0.1:9092, [::1]:9092)")
+            hosts.append((m["v6"] or m["host"], port))
+        return hosts
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for SSL and SASL_SSL (None otherwise), built from
+        the CA, certificate and key files; ConfigError names a file that is
+        missing, unreadable or not what it should be."""
+        files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile,
+                 "ssl_keyfile": self.ssl_keyfile}
+        if not self.security_protocol.endswith("SSL"):
+            for name, path in files.items():
+                if path is not None:
+                    raise ConfigError(f"kafka {name} is set but security_protocol is "
+                                      f"{self.security_protocol}: use SSL or SASL_SSL")
+            return None
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigError("kafka ssl_keyfile is set without ssl_certfile")
+        for name, path in files.items():
+            if path is not None:
+                _check_readable(name, path)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if self.ssl_cafile:
+            try:
+                ctx.load_verify_locations(cafile=self.ssl_cafile)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"kafka ssl_cafile {self.ssl_cafile}: not a usable CA "
+                                  f"certificate file (PEM): {_ssl_reason(exc)}") from exc
+        if self.ssl_certfile:
+            try:
+                ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, self.ssl_password)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                which = f"ssl_certfile {self.ssl_certfile}"
+                if self.ssl_keyfile:
+                    which += f" with ssl_keyfile {self.ssl_keyfile}"
+                raise ConfigError(f"kafka {which}: cannot load the client certificate and key "
+                                  f"(PEM; wrong ssl_password?): {_ssl_reason(exc)}") from exc
+        return ctx
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"kafka {name} must be an integer in {lo}..{hi}, got {value!r}")
+
+
+def _check_readable(name: str, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"kafka {name} {path}: {exc.strerror or exc}") from exc
+
+
+def _ssl_reason(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+# ---- partitioning -------------------------------------------------------------
+
+_M = 0x5BD1E995
+_WORDS: dict[int, struct.Struct] = {}
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 of a key as an unsigned 32-bit value: the same hash
+    as the Java client's Utils.murmur2 (and aiokafka's DefaultPartitioner),
+    about twice as fast as aiokafka's pure-Python version."""
+    n = len(data)
+    h = 0x9747B28C ^ n
+    words = _WORDS.get(n >> 2)
+    if words is None:
+        words = _WORDS[n >> 2] = struct.Struct(f"<{n >> 2}I")
+    for k in words.unpack_from(data):
+        k = (k * _M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
+        h = ((h * _M) & 0xFFFFFFFF) ^ k
+    tail = n & 3
+    if tail:
+        h = ((h ^ int.from_bytes(data[n - tail:], "little")) * _M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition index the Java client's default partitioner picks."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+# ---- the producer -------------------------------------------------------------
+
+class _Session:
+    """One connected aiokafka producer; replaced on every (re)connect."""
+
+    def __init__(self, kafka: aiokafka.AIOKafkaProducer, partitions: list[int]):
+        self.kafka = kafka
+        self.partitions = partitions
+        self.failure: StreamerError | None = None
+
+
+class Producer:
+    """Sends (key, value) records to settings.topic. See the module doc.
+
+    State for `ctstream status` and metrics:
+      connected      the last start() succeeded and nothing failed since (it
+                     does not watch the socket between calls)
+      in_flight      records handed to Kafka, not yet acknowledged
+      acked          records acknowledged since this object was made
+      last_ack_time  time.time() of the last acknowledgement, or None
+      ack_latency    recent per-batch latencies in seconds (call to ack)
+    `on_ack(records, latency_s)` is called for every acknowledged batch, e.g.
+    to feed a histogram; it must not block.
+    """
+
+    def __init__(self, settings: KafkaSettings,
+                 on_ack: Callable[[int, float], None] | None = None):
+        self.settings = settings.validate()
+        self._on_ack = on_ack
+        self.acked = 0
+        self.in_flight = 0
+        self.last_ack_time: float | None = None
+        self.ack_latency: collections.deque[float] = collections.deque(maxlen=ACK_LATENCY_SAMPLES)
+        self._session: _Session | None = None
+        self._stopped = False
+        self._start_lock = asyncio.Lock()
+        self._order = asyncio.Lock()   # FIFO: calls enqueue in call order
+        self._room = asyncio.Event()
+        self._header = [wire.HEADER]
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and self._session.failure is None
+
+    # ---- start ----------------------------------------------------------------
+    async def start(self, timeout_s: float = 15) -> None:
+        """Connect, get a producer id, check the topic. Idempotent. Tries
+        again until `timeout_s`, then KafkaUnavailable; ConfigError for an
+        unknown topic or bad TLS files."""
+        async with self._start_lock:
+            if self._stopped:
+                raise StreamerError("the Kafka producer was stopped; make a new one")
+            if self.connected:
+                return
+            if self._session is not None:        # failed: finish tearing it down
+                await self._abort(self._session, self._session.failure)
+            ctx = self.settings.ssl_context()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while True:
+                kafka = self._new_client(ctx)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await kafka.start()
+                        partitions = await self._topic_partitions(kafka, deadline)
+                    break
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    await _close_client(kafka)
+                    if loop.time() + CONNECT_BACKOFF_S >= deadline:
+                        why = await self._why_unreachable(exc)
+                        raise KafkaUnavailable(f"cannot reach Kafka at {self.settings.bootstrap} "
+                                               f"within {timeout_s:g}s: {why}") from exc
+                    await asyncio.sleep(CONNECT_BACKOFF_S)
+                except BaseException:
+                    await _close_client(kafka)
+                    raise
+            self._session = _Session(kafka, partitions)
+            log.info("connected to Kafka at %s, topic %s (%d partitions)",
+                     self.settings.bootstrap, self.settings.topic, len(partitions))
+
+    def _new_client(self, ctx: ssl.SSLContext | None) -> aiokafka.AIOKafkaProducer:
+        s = self.settings
+        return aiokafka.AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, client_id=s.client_id,
+            acks="all", enable_idempotence=True,
+            compression_type=None if s.compression == "none" else s.compression,
+            max_batch_size=s.max_batch_bytes, max_request_size=s.max_batch_bytes + 1024,
+            request_timeout_ms=s.request_timeout_ms,
+            security_protocol=s.security_protocol, ssl_context=ctx,
+            sasl_mechanism=s.sasl_mechanism or "PLAIN",
+            sasl_plain_username=s.sasl_username, sasl_plain_password=s.sasl_password)
+
+    async def _topic_partitions(self, kafka: aiokafka.AIOKafkaProducer, deadline: float) -> list[int]:
+        # With auto-create off the broker answers "unknown topic" at once;
+        # AIOKafkaProducer.partitions_for would retry for request_timeout_ms.
+        topic = self.settings.topic
+        client = kafka.client
+        loop = asyncio.get_running_loop()
+        give_up = min(deadline, loop.time() + TOPIC_GRACE_S)
+        client.add_topic(topic)
+        while True:
+            answered = await client.force_metadata_update()
+            partitions = client.cluster.partitions_for_topic(topic)
+            if partitions:
+                return sorted(partitions)
+            if topic in client.cluster.unauthorized_topics:
+                raise ConfigError(f"not authorized to use topic {topic} on {self.settings.bootstrap}")
+            if answered and loop.time() >= give_up:
+                raise ConfigError(
+                    f"topic {topic} does not exist on {self.settings.bootstrap} (auto-create "
+                    f"is off): create it, e.g. scripts/kafka.sh topic create {topic}")
+            await asyncio.sleep(0.1)
+
+    async def _why_unreachable(self, exc: BaseException) -> str:
+        """What went wrong, in words: the TCP connect's own error if the
+        servers refuse, else aiokafka's."""
+        reasons = []
+        for host, port in self.settings.bootstrap_hosts():
+            try:
+                async with asyncio.timeout(1.0):
+                    _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+            except TimeoutError:
+                reasons.append(f"{host}:{port}: no answer within 1s")
+            except OSError as err:
+                # asyncio's own strerror ("Connect call failed ...") hides the reason.
+                reasons.append(f"{host}:{port}: {os.strerror(err.errno) if err.errno else err}")
+        if reasons:
+            return "; ".join(reasons)
+        if isinstance(exc, TimeoutError):
+            return ("the TCP connection works but Kafka did not complete the handshake "
+                    f"(security_protocol {self.settings.security_protocol}: check TLS/SASL settings)")
+        return (f"the TCP connection works but Kafka refused the client ({exc!r}); "
+                f"check security_protocol {self.settings.security_protocol} and TLS/SASL settings")
+
+    # ---- send -----------------------------------------------------------------
+    async def send(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Send (key, value) pairs, each with the schema header; return when
+        Kafka acknowledged all of them (acks=all). KafkaUnavailable if not
+        within delivery_timeout_ms (then the producer is disconnected and
+        start() reconnects). Waits while max_in_flight_records would be
+        exceeded. A call larger than that bound goes out in parts."""
+        limit = self.settings.max_in_flight_records
+        for i in range(0, len(records), limit):
+            await self._send_part(records[i:i + limit])
+
+    async def _send_part(self, records: list[tuple[bytes, bytes]]) -> None:
+        if not records:
+            return
+        session = self._session
+        if session is None or session.failure is not None or self._stopped:
+            raise KafkaUnavailable(self._not_connected_reason(session))
+        batches = self._build_batches(session, records)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        n = len(records)
+        try:
+            async with asyncio.timeout_at(t0 + self.settings.delivery_timeout_ms / 1000):
+                acks = await self._enqueue(session, batches, n, t0)
+                # asyncio.wait, not gather: a timeout must not cancel them.
+                await asyncio.wait(acks)
+            for fut in acks:
+                if fut.exception() is not None:
+                    raise fut.exception()
+        except TimeoutError as exc:
+            raise await self._fail(session, KafkaUnavailable(
+                f"Kafka at {self.settings.bootstrap} did not acknowledge {n} records within "
+                f"{self.settings.delivery_timeout_ms / 1000:g}s (topic {self.settings.topic})")) from exc
+        except StreamerError as exc:
+            error = await self._fail(session, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        except TopicAuthorizationFailedError as exc:
+            raise await self._fail(session, ConfigError(
+                f"not authorized to write to topic {self.settings.topic} on "
+                f"{self.settings.bootstrap}")) from exc
+        except (KafkaError, OSError) as exc:
+            raise await self._fail(session, KafkaUnavailable(
+                f"Kafka at {self.settings.bootstrap} failed {n} records: {exc!r}")) from exc
+
+    async def _enqueue(self, session: _Session, batches: list, n: int, t0: float) -> list:
+        """Hand the batches to aiokafka in call order, once there is room;
+        the futures of their acknowledgements."""
+        acks = []
+        async with self._order:
+            await self._wait_room(session, n)
+            self.in_flight += n
+            unsent = n
+            try:
+                for partition, batch in batches:
+                    fut = await session.kafka.send_batch(batch, self.settings.topic,
+                                                         partition=partition)
+                    count = batch.record_count()
+                    unsent -= count
+                    fut.add_done_callback(lambda f, c=count: self._batch_done(f, c, t0))
+                    acks.append(fut)
+            finally:
+                self._release(unsent)
+        return acks
+
+    def _build_batches(self, session: _Session, records) -> list:
+        """One closed record batch per partition (more if one fills up), each
+        holding its records in call order."""
+        kafka = session.kafka
+        parts = session.partitions
+        count = len(parts)
+        header = self._header
+        ts = time.time_ns() // 1_000_000
+        open_batches: dict[int, object] = {}
+        out = []
+        for key, value in records:
+            p = parts[(murmur2(key) & 0x7FFFFFFF) % count]
+            batch = open_batches.get(p)
+            if batch is None:
+                batch = open_batches[p] = kafka.create_batch()
+            if batch.append(timestamp=ts, key=key, value=value, headers=header) is None:
+                out.append((p, batch))
+                batch = open_batches[p] = kafka.create_batch()
+                if batch.append(timestamp=ts, key=key, value=value, headers=header) is None:
+                    raise wire.WireError(f"a record of {len(key) + len(value)} bytes does not fit "
+                                         f"in a batch of max_batch_bytes {self.settings.max_batch_bytes}")
+        out.extend(open_batches.items())
+        out.sort(key=lambda pb: pb[0])   # stable: a partition's batches keep their order
+        for _, batch in out:
+            batch.close()    # closed: aiokafka sends it at once instead of lingering
+        return out
+
+    async def _wait_room(self, session: _Session, n: int) -> None:
+        limit = self.settings.max_in_flight_records
+        while True:
+            if session.failure is not None:
+                raise copy.copy(session.failure)
+            if self.in_flight + n <= limit:
+                return
+            self._room.clear()
+            await self._room.wait()
+
+    def _release(self, n: int) -> None:
+        if n:
+            self.in_flight -= n
+            self._room.set()
+
+    def _batch_done(self, fut: asyncio.Future, count: int, t0: float) -> None:
+        self._release(count)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.acked += count
+        self.last_ack_time = time.time()
+        latency = asyncio.get_running_loop().time() - t0
+        self.ack_latency.append(latency)
+        if self._on_ack is not None:
+            self._on_ack(count, latency)
+
+    def _not_connected_reason(self, session: _Session | None) -> str:
+        if self._stopped:
+            return "the Kafka producer is stopped"
+        if session is not None and session.failure is not None:
+            return f"not connected to Kafka (call start() to reconnect): {session.failure}"
+        return f"not connected to Kafka at {self.settings.bootstrap}: call start() first"
+
+    async def _fail(self, session: _Session, error: StreamerError) -> StreamerError:
+        """Disconnect `session` because of `error` (the first failure wins)
+        and return the error this call raises."""
+        if session.failure is None:
+            log.warning("Kafka producer disconnects: %s", error)
+            session.failure = error
+            self._room.set()          # callers waiting for room see the failure
+            await self._abort(session, error)
+        return error if session.failure is error else copy.copy(session.failure)
+
+    async def _abort(self, session: _Session, error: BaseException) -> None:
+        """Fail every batch aiokafka still holds and close its client, in
+        bounded time. Idempotence makes aiokafka retry a batch forever, so
+        only failing them ends their wait (AIOKafkaProducer has no public
+        way to: this uses its accumulator's fail_all)."""
+        if self._session is session:
+            self._session = None
+        kafka = session.kafka
+        kafka._message_accumulator.fail_all(KafkaUnavailable(str(error)))
+        await _close_client(kafka)
+
+    # ---- stop -----------------------------------------------------------------
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Wait for what is in flight (at most `timeout_s`, default the
+        delivery timeout), then close. Idempotent. Calls still waiting then
+        raise KafkaUnavailable."""
+        if self._stopped:
+            return
+        self._stopped = True
+        session = self._session
+        if session is None:
+            return
+        if timeout_s is None:
+            timeout_s = self.settings.delivery_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout_s):
+                await session.kafka.flush()
+        except TimeoutError:
+            log.warning("Kafka did not acknowledge %d records within %gs of stop; dropping them "
+                        "(the caller has not been told they were delivered)", self.in_flight, timeout_s)
+        if session.failure is None:
+            session.failure = KafkaUnavailable("the Kafka producer is stopped")
+        self._room.set()
+        await self._abort(session, session.failure)
+
+
+async def _close_client(kafka: aiokafka.AIOKafkaProducer) -> None:
+    """AIOKafkaProducer.stop() in bounded time, whatever state it is in."""
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT_S):
+            await kafka.stop()
+    except Exception as exc:   # a torn-down sender may end with its own error
+        log.debug("closing the Kafka client: %r", exc)
+        try:
+            async with asyncio.timeout(ABORT_TIMEOUT_S):
+                await kafka.client.close()
+        except Exception as exc2:
+            log.debug("closing the Kafka connections: %r", exc2)
