@@ -271,9 +271,10 @@ class _Segment:
     include what is still buffered; `durable_bytes` is what a sync made safe
     and what readers may look at. `delivered_pos` is the frame boundary after
     the last delivered frame. A sealed segment's `bound` is the next one's
-    first offset: it can hold no offset at or above it. `holes` maps the start of each unreadable region
-    to its end. The sparse index lists (offset, position, ordinal) of a frame
-    every INDEX_STRIDE bytes, so a reader seeks without scanning the file."""
+    first offset: it can hold no offset at or above it. `holes` maps the start
+    of each unreadable region to its end. The sparse index lists (offset,
+    position, ordinal) of a frame every INDEX_STRIDE bytes, so that a reader
+    seeks without scanning the file."""
 
     __slots__ = ("path", "name", "first", "last", "records", "bytes", "durable_bytes",
                  "delivered_pos", "delivered_records", "holes", "index_offsets",
