@@ -52,11 +52,13 @@
 #define CT_MISSED_UPDATE  0x02
 #define CT_MISSED_DESTROY 0x04
 
-/* key.dying: 0 for a live connection; CT_KEY_DYING | generation for its copy
- * in the dying outbox (a connection whose DESTROY awaits the daemon's ack).
- * The generation lets a tuple that is reused quickly have several copies. */
+/* key.dying: 0 for a live connection, and for an ended one that waits in the
+ * dying outbox under its own tuple (CT_LAST_OUTBOX). When a new connection
+ * needs that tuple, the waiting entry moves to the key with dying =
+ * CT_KEY_DYING | generation; the generation lets a tuple that is reused
+ * quickly have several ended connections waiting. */
 #define CT_KEY_DYING      0x80
-#define CT_OUTBOX_TRIES   4    /* generations tried before giving up */
+#define CT_OUTBOX_TRIES   4    /* generations tried when moving */
 
 /* TCP flag bits as they stand in the TCP header's flags byte. */
 #define CT_TCP_FIN 0x01
@@ -95,18 +97,31 @@
 #define CT_STAT_EARLY_DROPS     17 /* unassured entries dropped under pressure */
 #define CT_STAT_ACKED           18 /* outbox entries removed by the daemon's ack */
 #define CT_STAT_ACK_STALE       19 /* acks that matched nothing (late or duplicate) */
-#define CT_STAT_OUTBOX_FULL     20 /* no outbox generation free: DESTROY sent once, unguarded */
+#define CT_STAT_OUTBOX_FULL     20 /* tuple reused, no generation free: a DESTROY left unguarded */
 #define CT_STAT__MAX            24
 
-/* Sentinel in ct_entry.last_ns: the sweeper has claimed the entry. */
-#define CT_DEAD 0xffffffffffffffffULL
+/* Flags in the top bits of ct_entry.last_ns (CLOCK_MONOTONIC nanoseconds
+ * never reach bit 61). An entry's end is claimed by the compare-and-swap of
+ * the live last_ns it examined to last_ns | CT_LAST_DEAD, so a packet that
+ * refreshed it in between makes the claim fail; a dead value never turns
+ * live again, so no claim can succeed twice (no ABA).
+ *   CT_LAST_DEAD    the connection has ended; packets no longer count to it.
+ *   CT_LAST_OUTBOX  its DESTROY is made: the entry is in the dying outbox.
+ *   CT_LAST_BUSY    one CPU owns the outbox entry for a moment (an ack
+ *                   deleting it, a retry re-emitting it, a new connection
+ *                   moving it out of its tuple's way); the others keep off.
+ * The low bits keep the time of the last packet, the DESTROY's flowEnd. */
+#define CT_LAST_DEAD   (1ULL << 63)
+#define CT_LAST_OUTBOX (1ULL << 62)
+#define CT_LAST_BUSY   (1ULL << 61)
+#define CT_LAST_FLAGS  (CT_LAST_DEAD | CT_LAST_OUTBOX | CT_LAST_BUSY)
 
 /* Expiry index granularity: one slot is 2^30 ns (about 1.07 s). */
 #define CT_SLOT_SHIFT 30
 
 /* ct_entry.sched, high half. Bits 56-63: the missed mask (CT_MISSED_*).
  * Live entry: bits 32-55 the slot of the last periodic UPDATE (24 bits,
- * compared modulo 2^24). Outbox copy: bits 48-55 the end reason, bits 32-47
+ * compared modulo 2^24). In the outbox: bits 48-55 the end reason, bits 32-47
  * the retries so far. */
 #define CT_SCHED_MISSED_SHIFT 56
 #define CT_SCHED_MISSED_MASK  (0xffULL << CT_SCHED_MISSED_SHIFT)
@@ -141,10 +156,7 @@ struct ct_key6 {
  * Words that more than one CPU may change at once are 64 bits wide and only
  * changed with atomic instructions (BCC's LLVM has no 32-bit atomics), so
  * small fields share a word: status with seq, the index slot with the report
- * slot. last_ns doubles as the entry's life: the sweeper claims an expired
- * entry by compare-and-swapping the last_ns it examined to CT_DEAD, so a
- * packet that refreshed the entry in between makes the claim fail and the
- * entry lives on.
+ * slot. last_ns doubles as the entry's life (CT_LAST_* above).
  */
 struct ct_entry {
 	__u64 ct_id;
@@ -153,7 +165,7 @@ struct ct_entry {
 	__u64 pkts[2];     /* [CT_DIR_ORIG], [CT_DIR_REPLY]; L3 packets */
 	__u64 bytes[2];    /* L3 bytes: IP header and payload */
 	__u64 status_seq;  /* low 32: state | flags << 8 | tcpfl_orig << 16 | tcpfl_reply << 24;
-			    * high 32: next event sequence number (an outbox copy:
+			    * high 32: next event sequence number (in the outbox:
 			    * its DESTROY's seq + 1) */
 	__u64 sched;       /* low 32: index slot that holds the entry;
 			    * high 32: see CT_SCHED_* above */
@@ -274,7 +286,7 @@ struct ct_ack_hdr {
 };
 
 struct ct_ack4 {
-	struct ct_key4 key;  /* the outbox key (dying byte from the event) */
+	struct ct_key4 key;  /* the DESTROY's key (dying byte from the event) */
 	__u64 ct_id;         /* must match, or nothing is removed */
 };
 

@@ -106,7 +106,7 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 				      int dir, struct ct_config *cfg, u64 now)
 {
 	u64 last = e->last_ns;
-	if (last == CT_DEAD)
+	if (last & CT_LAST_DEAD)
 		return CT_REFRESH_UNTRACKED;
 	u8 proto = ct_key_proto(fam, key);
 	u32 status = ct_status(e);
@@ -117,13 +117,13 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 	if (proto == IPPROTO_TCP && dir == CT_DIR_ORIG &&
 	    (state == CT_S_TIME_WAIT || state == CT_S_CLOSE) &&
 	    (p->tcp_flags & (CT_TCP_SYN | CT_TCP_ACK | CT_TCP_RST)) == CT_TCP_SYN) {
-		if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last)
+		if (__sync_val_compare_and_swap(&e->last_ns, last, last | CT_LAST_DEAD) != last)
 			return CT_REFRESH_UNTRACKED;
 		ct_destroy(fam, key, e, last, ct_end_reason(proto, state), cfg, now);
 		return CT_REFRESH_RESTART;
 	}
 
-	if (now > last && __sync_val_compare_and_swap(&e->last_ns, last, now) == CT_DEAD)
+	if (now > last && (__sync_val_compare_and_swap(&e->last_ns, last, now) & CT_LAST_DEAD))
 		return CT_REFRESH_UNTRACKED;
 	__sync_fetch_and_add(&e->pkts[dir & 1], 1);
 	__sync_fetch_and_add(&e->bytes[dir & 1], p->l3_len);
@@ -195,8 +195,17 @@ static __always_inline int ct_new_state(u8 proto, struct ct_pkt *p, u8 *state, u
 #define CT_CREATE_FULL   2
 #define CT_CREATE_RACE   3 /* another CPU created the entry first */
 
+/* Give back a place ct_create took under the limits. */
+static __always_inline void ct_unreserve(struct ct_global *g, u32 fam)
+{
+	__sync_fetch_and_add(&g->entries, -1);
+	if (fam == 6)
+		__sync_fetch_and_add(&g->entries6, -1);
+}
+
+/* ended: the ended connection that waits under key for its ack, if any. */
 static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
-				     struct ct_config *cfg, u64 now)
+				     struct ct_config *cfg, u64 now, struct ct_entry *ended)
 {
 	u8 proto = ct_key_proto(fam, key);
 	u8 state, flags;
@@ -211,9 +220,13 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 		return CT_CREATE_FULL;
 	}
 	if (fam == 6 && __sync_fetch_and_add(&g->entries6, 1) >= cfg->ipv6_limit) {
-		__sync_fetch_and_add(&g->entries6, -1);
-		__sync_fetch_and_add(&g->entries, -1);
+		ct_unreserve(g, fam);
 		return CT_CREATE_FULL;
+	}
+	/* Only a connection that will be tracked moves the ended one away. */
+	if (ended && ct_outbox_move(fam, key, ended, now)) {
+		ct_unreserve(g, fam);
+		return CT_CREATE_RACE;
 	}
 	struct ct_entry ne = {};
 	ne.ct_id = __sync_fetch_and_add(&g->next_ct_id, 1);
@@ -226,9 +239,7 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	ne.status_seq = status;
 	ne.sched = due | ((u64)(ct_slot(now) & CT_SCHED_REPORT_MASK) << 32);
 	if (ct_tbl_insert(fam, key, &ne)) {
-		__sync_fetch_and_add(&g->entries, -1);
-		if (fam == 6)
-			__sync_fetch_and_add(&g->entries6, -1);
+		ct_unreserve(g, fam);
 		return ct_tbl_lookup(fam, key) ? CT_CREATE_RACE : CT_CREATE_FULL;
 	}
 	ct_stat_inc(CT_STAT_CREATED);
@@ -257,12 +268,19 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 	union ct_key rkey = {};
 	int dir = CT_DIR_ORIG;
 	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	struct ct_entry *ended = 0; /* an ended connection waiting under key */
 	void *ekey = key;
+	if (e && (e->last_ns & CT_LAST_DEAD)) {
+		ended = e;
+		e = 0;
+	}
 	if (!e) {
 		ct_key_reverse(fam, &rkey, key);
 		e = ct_tbl_lookup(fam, &rkey);
 		dir = CT_DIR_REPLY;
 		ekey = &rkey;
+		if (e && (e->last_ns & CT_LAST_DEAD))
+			e = 0;
 	}
 	if (e) {
 		int r = ct_refresh(fam, ekey, e, p, dir, cfg, now);
@@ -270,9 +288,11 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 			return CT_VERDICT_PASS;
 		if (r == CT_REFRESH_UNTRACKED)
 			return ct_untracked(p, cfg, 0);
-		/* CT_REFRESH_RESTART: only ever in the original direction */
+		/* CT_REFRESH_RESTART: only ever in the original direction, and
+		 * the old connection now waits under key. */
+		ended = e;
 	}
-	int c = ct_create(fam, key, p, cfg, now);
+	int c = ct_create(fam, key, p, cfg, now, ended);
 	if (c == CT_CREATE_OK)
 		return CT_VERDICT_PASS;
 	if (c == CT_CREATE_RACE) {

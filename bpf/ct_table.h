@@ -299,13 +299,20 @@ static __always_inline int ct_emit(u8 type, u32 fam, void *key, struct ct_entry 
 
 /* ---- the dying outbox ---------------------------------------------------
  *
- * A connection that ends is not forgotten when its DESTROY is emitted: a
- * copy of its entry moves to the outbox, which is the same hash map under the
- * same tuple with key.dying set, so it shares the table's memory and its one
- * limit (ct_global.entries counts it until the daemon acks it). Packets never
- * build a key with dying set, so the tuple is free for a new connection at
- * once. The copy is filed in the expiry index under a retry slot; if no ack
- * came by then, the sweeper emits the DESTROY again (same seq, retries + 1).
+ * A connection that ends is not forgotten when its DESTROY is emitted: its
+ * entry stays where it is, marked CT_LAST_OUTBOX, until the daemon acks that
+ * DESTROY (naming the ct_id, so a late ack never removes another flow). It
+ * keeps its place under the table limit: ct_global.entries counts it, and
+ * ct_global.dying counts the outbox. It is filed in the expiry index under a
+ * retry slot; if no ack came by then, the sweeper emits the DESTROY again
+ * (same seq, retries + 1).
+ *
+ * Packets pass over an ended entry as if it were not there. A new connection
+ * that needs its tuple first moves it to a generation key (key.dying =
+ * CT_KEY_DYING | generation), which no packet builds. Ending in place costs
+ * no insert and no delete, which are most of an expiry's cost in a large
+ * table (their hash buckets are cold); the move is paid only by a tuple
+ * reused within the ack delay.
  */
 
 /* Uniform in [grace/2, grace] from now, and never before the next slot. */
@@ -316,18 +323,57 @@ static __always_inline u32 ct_retry_slot(struct ct_config *cfg, u64 now)
 	return ct_due_slot(now, half + jitter, now);
 }
 
-/* The end of an entry whose last_ns this CPU swapped to CT_DEAD: nobody else
- * can be here for the same entry, so the delete below cannot remove a
- * different, newer connection. */
+/* Own an outbox entry for a moment (CT_LAST_BUSY). 1 if this CPU does: then
+ * no ack, retry or move can touch the entry (or free its element) until the
+ * owner clears the bit or deletes the entry. */
+static __always_inline int ct_outbox_take(struct ct_entry *e, u64 *was)
+{
+	u64 v = e->last_ns;
+	*was = v;
+	if ((v & (CT_LAST_OUTBOX | CT_LAST_BUSY)) != CT_LAST_OUTBOX)
+		return 0;
+	return __sync_val_compare_and_swap(&e->last_ns, v, v | CT_LAST_BUSY) == v;
+}
+
+/* The end of an entry whose last_ns this CPU claimed (CT_LAST_DEAD set on
+ * `last`): the entry is this CPU's alone until it sets CT_LAST_OUTBOX, the
+ * last thing it does. */
 static __always_inline void ct_destroy(u32 fam, void *key, struct ct_entry *e, u64 last,
 				       u8 reason, struct ct_config *cfg, u64 now)
 {
 	u32 seq = ct_next_seq(e);
 	u32 status = ct_status(e);
 	u32 slot = ct_retry_slot(cfg, now);
+	e->sched = slot | (e->sched & CT_SCHED_MISSED_MASK) | ((u64)reason << CT_SCHED_REASON_SHIFT);
+	ct_stat_inc(CT_STAT_DESTROYED);
+	struct ct_global *g = ct_glob();
+	if (g)
+		__sync_fetch_and_add(&g->dying, 1);
+	if (ct_emit(CT_EV_DESTROY, fam, key, e, status, seq, reason, 0, last, now)) {
+		slot = ct_slot(now) + 1; /* never delivered: retry as soon as possible */
+		e->sched = (e->sched & ~0xffffffffULL) | slot;
+	}
+	ct_wheel_push(fam, key, slot);
+	__sync_fetch_and_or(&e->last_ns, CT_LAST_OUTBOX);
+}
+
+/* Free a tuple for a new connection: move the ended connection that waits
+ * under it (e) to a generation key. 0 if the tuple is free now; -1 if
+ * another CPU owns the entry at the moment (the packet goes untracked).
+ * If every generation of the tuple is taken, the waiting DESTROY is given up
+ * (it was emitted at least once; counted in outbox_full). */
+static __always_inline int ct_outbox_move(u32 fam, void *key, struct ct_entry *e, u64 now)
+{
+	u64 v;
+	if (!ct_outbox_take(e, &v))
+		return -1;
 	struct ct_entry d = *e;
-	d.last_ns = last;
-	d.sched = slot | (e->sched & CT_SCHED_MISSED_MASK) | ((u64)reason << CT_SCHED_REASON_SHIFT);
+	d.last_ns = v;
+	u32 slot = ct_sched_slot(e);
+	u32 min = ct_slot(now) + 1;
+	if (slot < min)
+		slot = min;
+	d.sched = (d.sched & ~0xffffffffULL) | slot;
 
 	union ct_key dk = {};
 	u8 *dying;
@@ -341,38 +387,27 @@ static __always_inline void ct_destroy(u32 fam, void *key, struct ct_entry *e, u
 	int rc = -1;
 #pragma unroll
 	for (int i = 0; i < CT_OUTBOX_TRIES; i++) {
-		*dying = CT_KEY_DYING | ((e->ct_id + i) & 0x7f);
+		*dying = CT_KEY_DYING | ((d.ct_id + i) & 0x7f);
 		rc = ct_tbl_insert(fam, &dk, &d);
 		if (rc == 0)
 			break;
 	}
-	ct_stat_inc(CT_STAT_DESTROYED);
-	struct ct_global *g = ct_glob();
-	if (rc != 0) {
-		/* Every generation of this tuple is taken (or the map is out of
-		 * room): the DESTROY goes out once, without the outbox's guarantee. */
+	if (rc == 0) {
+		ct_wheel_push(fam, &dk, slot);
+	} else {
 		ct_stat_inc(CT_STAT_OUTBOX_FULL);
-		ct_emit(CT_EV_DESTROY, fam, key, e, status, seq, reason, 0, last, now);
-		ct_tbl_delete(fam, key);
+		struct ct_global *g = ct_glob();
 		if (g) {
 			__sync_fetch_and_add(&g->entries, -1);
+			__sync_fetch_and_add(&g->dying, -1);
 			if (fam == 6)
 				__sync_fetch_and_add(&g->entries6, -1);
 		}
-		return;
 	}
+	/* Only the owner of CT_LAST_BUSY deletes, and no connection can be
+	 * created under the key while the entry holds it: this removes e. */
 	ct_tbl_delete(fam, key);
-	if (g)
-		__sync_fetch_and_add(&g->dying, 1);
-	struct ct_entry *de = ct_tbl_lookup(fam, &dk);
-	if (!de)
-		return;
-	/* Until the event is out nobody can ack the copy: it is ours alone. */
-	if (ct_emit(CT_EV_DESTROY, fam, &dk, de, status, seq, reason, 0, last, now)) {
-		slot = ct_slot(now) + 1; /* never delivered: retry as soon as possible */
-		de->sched = (de->sched & ~0xffffffffULL) | slot;
-	}
-	ct_wheel_push(fam, &dk, slot);
+	return 0;
 }
 
 #endif /* CT_TABLE_H */

@@ -41,9 +41,9 @@ static __always_inline int ct_early_record(u32 fam, u32 slot, u32 idx,
 	if (!e || ct_sched_slot(e) != slot)
 		return 0;
 	u64 last = e->last_ns;
-	if (last == CT_DEAD || (CT_ST_FLAGS(ct_status(e)) & CT_F_ASSURED))
+	if ((last & CT_LAST_DEAD) || (CT_ST_FLAGS(ct_status(e)) & CT_F_ASSURED))
 		return 0;
-	if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last)
+	if (__sync_val_compare_and_swap(&e->last_ns, last, last | CT_LAST_DEAD) != last)
 		return 0; /* refreshed meanwhile, perhaps assured now: leave it */
 	ct_destroy(fam, &k, e, last, CT_END_EARLY, cfg, now);
 	ct_stat_inc(CT_STAT_EARLY_DROPS);

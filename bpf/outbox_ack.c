@@ -2,16 +2,41 @@
  *
  * Run by the daemon through BPF_PROG_TEST_RUN with a struct ct_ack_hdr and up
  * to CT_ACK_BATCH records of one family as the "packet", once the sink has
- * durably written those DESTROYs. An outbox copy is removed only if it is
- * still there under the acked key and carries the acked ct_id, so a late or
- * repeated ack can never remove a different flow. Removing it frees its place
- * under the table limit.
+ * durably written those DESTROYs. An outbox entry is removed only if it
+ * carries the acked ct_id, so a late or repeated ack can never remove a
+ * different flow. A DESTROY names the key its entry had when it was emitted:
+ * the connection's own tuple (dying byte 0), or a generation key. An entry
+ * that a new connection moved off its tuple since is looked for under the
+ * generation keys. Removing it frees its place under the table limit.
  */
 
 union ct_ack {
 	struct ct_ack4 a4;
 	struct ct_ack6 a6;
 };
+
+/* Remove the outbox entry of (key, ct_id); 1 if it was there. */
+static __always_inline int ct_ack_one(u32 fam, void *key, u64 ct_id)
+{
+	u8 *dying = fam == 4 ? &((struct ct_key4 *)key)->dying : &((struct ct_key6 *)key)->dying;
+	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	if (*dying) {
+		/* A generation key: only sweeps and acks, one at a time, touch it. */
+		return e && e->ct_id == ct_id && !ct_tbl_delete(fam, key);
+	}
+	u64 v;
+	if (e && e->ct_id == ct_id && ct_outbox_take(e, &v))
+		return !ct_tbl_delete(fam, key);
+	/* Not under its tuple (any more): moved for a new connection. */
+#pragma unroll
+	for (int i = 0; i < CT_OUTBOX_TRIES; i++) {
+		*dying = CT_KEY_DYING | ((ct_id + i) & 0x7f);
+		e = ct_tbl_lookup(fam, key);
+		if (e && e->ct_id == ct_id)
+			return !ct_tbl_delete(fam, key);
+	}
+	return 0;
+}
 
 /* fam is a constant at each call (see ct_sweep_family). */
 static __always_inline int ct_ack_family(struct __sk_buff *skb, const u32 fam)
@@ -29,9 +54,7 @@ static __always_inline int ct_ack_family(struct __sk_buff *skb, const u32 fam)
 			break;
 		void *key = fam == 4 ? (void *)&a.a4.key : (void *)&a.a6.key;
 		u64 ct_id = fam == 4 ? a.a4.ct_id : a.a6.ct_id;
-		struct ct_entry *e = (ct_key_dying(fam, key) & CT_KEY_DYING) ?
-			ct_tbl_lookup(fam, key) : 0;
-		if (!e || e->ct_id != ct_id || ct_tbl_delete(fam, key)) {
+		if (!ct_ack_one(fam, key, ct_id)) {
 			stale++;
 			continue;
 		}

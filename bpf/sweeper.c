@@ -10,18 +10,24 @@
  * Each run consumes at most `budget` index records of slots that are due, so
  * the work per tick is bounded whatever the table size. A record whose entry
  * was refreshed is filed again under its new due slot; an entry that is due
- * is claimed by swapping its last_ns to CT_DEAD, which fails if a packet
- * refreshed it after we looked, and only the claimer destroys it (moves it to
- * the outbox). Outbox copies are filed in the same index under their retry
- * slot.
+ * is claimed by setting CT_LAST_DEAD on the last_ns we examined, which fails
+ * if a packet refreshed it after we looked, and only the claimer ends it (it
+ * stays in place, in the outbox). Outbox entries are filed in the same index
+ * under their retry slot.
  */
 
-/* An outbox copy whose retry slot came: no ack arrived, emit its DESTROY
+/* An outbox entry whose retry slot came: no ack arrived, emit its DESTROY
  * again (same seq) and file it under the next retry slot. The daemon runs
- * sweeps and acks one at a time, so nobody else writes the copy now. */
+ * sweeps and acks one at a time; an entry under its live tuple must also be
+ * owned against a packet that moves it (ct_outbox_move) meanwhile. A moved
+ * one (generation key) is touched by sweeps and acks only. */
 static __always_inline void ct_sweep_dying(u32 fam, void *key, struct ct_entry *e,
 					   struct ct_config *cfg, u64 now)
 {
+	int in_place = !ct_key_dying(fam, key);
+	u64 v = e->last_ns;
+	if (in_place && !ct_outbox_take(e, &v))
+		return; /* being moved: the mover files it under its new key */
 	u32 hi = e->sched >> 32;
 	u32 retries = hi & CT_SCHED_RETRY_MASK;
 	u8 reason = (hi >> (CT_SCHED_REASON_SHIFT - 32)) & 0xff;
@@ -29,12 +35,14 @@ static __always_inline void ct_sweep_dying(u32 fam, void *key, struct ct_entry *
 	if (retries < CT_SCHED_RETRY_MASK)
 		retries++;
 	int rc = ct_emit(CT_EV_DESTROY, fam, key, e, ct_status(e), seq, reason,
-			 retries > 255 ? 255 : retries, e->last_ns, now);
+			 retries > 255 ? 255 : retries, v & ~CT_LAST_FLAGS, now);
 	ct_stat_inc(CT_STAT_RETRIES);
 	u32 due = rc ? ct_slot(now) + 1 : ct_retry_slot(cfg, now);
 	e->sched = (e->sched & CT_SCHED_MISSED_MASK) | ((u64)reason << CT_SCHED_REASON_SHIFT) |
 		   ((u64)retries << 32) | due;
 	ct_wheel_push(fam, key, due);
+	if (in_place)
+		__sync_fetch_and_and(&e->last_ns, ~CT_LAST_BUSY);
 }
 
 static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
@@ -43,13 +51,13 @@ static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
 	struct ct_entry *e = ct_tbl_lookup(fam, key);
 	if (!e || ct_sched_slot(e) != slot)
 		return; /* gone, or filed elsewhere since: a stale record */
-	if (ct_key_dying(fam, key)) {
+	u64 last = e->last_ns;
+	if (ct_key_dying(fam, key) || (last & CT_LAST_OUTBOX)) {
 		ct_sweep_dying(fam, key, e, cfg, now);
 		return;
 	}
-	u64 last = e->last_ns;
-	if (last == CT_DEAD)
-		return;
+	if (last & CT_LAST_DEAD)
+		return; /* another CPU is ending it */
 	u8 proto = ct_key_proto(fam, key);
 	u32 status = ct_status(e);
 	u8 state = CT_ST_STATE(status);
@@ -63,7 +71,7 @@ static __always_inline void ct_sweep_entry(u32 fam, void *key, u32 slot,
 		ct_stat_inc(CT_STAT_RESCHEDULED);
 		return;
 	}
-	if (__sync_val_compare_and_swap(&e->last_ns, last, CT_DEAD) != last) {
+	if (__sync_val_compare_and_swap(&e->last_ns, last, last | CT_LAST_DEAD) != last) {
 		ct_reschedule(fam, key, e, slot, ct_slot(now) + 1);
 		ct_stat_inc(CT_STAT_RESCHEDULED);
 		return;

@@ -38,7 +38,7 @@ class Entry:
     bytes_reply: int
     age_s: float
     idle_s: float
-    dying: bool = False          # a copy in the outbox: its DESTROY awaits an ack
+    dying: bool = False          # in the outbox: its DESTROY awaits an ack
     end_reason: str | None = None
     retries: int = 0
 
@@ -80,7 +80,8 @@ class PinnedTable:
         self.close()
 
     def entries(self, dying: bool = False) -> list[Entry]:
-        """Live connections, or (dying=True) the outbox copies."""
+        """Live connections, or (dying=True) the outbox: ended connections whose
+        DESTROY awaits an ack."""
         now = _monotonic_ns()
         out = []
         for family, kstruct in ((4, _KEY4), (6, _KEY6)):
@@ -123,11 +124,13 @@ def _monotonic_ns() -> int:
 def _decode(family, k, v, now) -> Entry | None:
     saddr, daddr, sport, dport, proto, dying, vlan = k
     ct_id, first, last, po, pr, bo, br, status_seq, sched = v
-    if last == abi.DEAD:
-        return None
+    if last & abi.LAST_DEAD and not last & abi.LAST_OUTBOX:
+        return None  # being ended this moment: neither live nor in the outbox yet
+    in_outbox = bool(dying & abi.KEY_DYING or last & abi.LAST_OUTBOX)
+    last &= ~abi.LAST_FLAGS
     seq = status_seq >> 32
     reason, retries = None, 0
-    if dying & abi.KEY_DYING:
+    if in_outbox:
         seq -= 1  # the copy holds its DESTROY's seq + 1
         reason = abi.END_NAMES.get((sched >> abi.SCHED_REASON_SHIFT) & 0xFF)
         retries = (sched >> 32) & 0xFFFF
@@ -142,5 +145,5 @@ def _decode(family, k, v, now) -> Entry | None:
         assured=bool(flags & abi.F_ASSURED), ct_id=ct_id, seq=seq,
         packets_orig=po, packets_reply=pr, bytes_orig=bo, bytes_reply=br,
         age_s=max(0, now - first) / 1e9, idle_s=max(0, now - last) / 1e9,
-        dying=bool(dying & abi.KEY_DYING), end_reason=reason, retries=retries,
+        dying=in_outbox, end_reason=reason, retries=retries,
     )

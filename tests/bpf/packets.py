@@ -280,17 +280,19 @@ class Bench:
         return self.dp.global_state()
 
     def table(self, family: int, dying: bool = False) -> dict[bytes, EntryView]:
-        """Live entries by key; with dying=True the outbox copies instead."""
+        """Live entries by key; with dying=True the outbox instead (ended
+        entries under their own tuple or moved to a generation key)."""
         name, ksz = ("ct4", abi.KEY4.size) if family == 4 else ("ct6", abi.KEY6.size)
         dying_at = abi.KEY4.offsets()["dying"] if family == 4 else abi.KEY6.offsets()["dying"]
         fd = self.dp.fd(name)
         out = {}
         for k in set(bpfsys.map_keys(fd, ksz)):
-            if bool(k[dying_at] & abi.KEY_DYING) != dying:
-                continue
             raw = bpfsys.map_lookup(fd, k, abi.ENTRY.size)
-            if raw is not None:
-                out[k] = EntryView.decode(raw)
+            if raw is None:
+                continue
+            e = EntryView.decode(raw)
+            if bool(k[dying_at] & abi.KEY_DYING or e.last_ns & abi.LAST_OUTBOX) == dying:
+                out[k] = e
         return out
 
     def outbox(self, family: int) -> dict[bytes, EntryView]:

@@ -29,7 +29,7 @@ _RENAMED = {"TO_MAX": "CT_TO__MAX", "STAT_MAX": "CT_STAT__MAX"}
 _STAT_RENAMED = {"untracked_packets": "UNTRACKED_PKTS", "missed_redelivered": "MISSED_SENT",
                  "destroy_retries": "RETRIES"}
 _CONST_PREFIXES = ("EV_", "DIR_", "S_", "F_", "END_", "TO_", "CFG_", "STAT_MAX",
-                   "ABI_VERSION", "DEAD", "SLOT_SHIFT", "WHEEL", "MISSED_", "KEY_DYING",
+                   "ABI_VERSION", "LAST_", "SLOT_SHIFT", "WHEEL", "MISSED_", "KEY_DYING",
                    "OUTBOX_TRIES", "ACK_BATCH", "SCHED_MISSED_SHIFT", "SCHED_REASON_SHIFT")
 
 

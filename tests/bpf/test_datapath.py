@@ -698,8 +698,9 @@ def test_packets_counter_is_per_cpu_and_equals_frames_sent(bench):
 # ---- entries the sweeper claimed, and a full ring --------------------------------------
 
 def test_packet_for_an_entry_the_sweeper_claimed_passes_untracked(bench):
-    """Between the sweeper's claim (last_ns = CT_DEAD) and its delete a packet
-    must neither revive the entry nor make a second one."""
+    """Between the sweeper's claim (CT_LAST_DEAD set on last_ns) and the
+    moment the entry is in the outbox, a packet must neither revive the entry
+    nor make a second one under its tuple."""
     from streamer import bpfsys
 
     bench.reset()
@@ -707,14 +708,15 @@ def test_packet_for_an_entry_the_sweeper_claimed_passes_untracked(bench):
     fd = bench.dp.fd("ct4")
     raw = bytearray(bpfsys.map_lookup(fd, U4.key(), abi.ENTRY.size))
     off = abi.ENTRY.offsets()["last_ns"]
-    raw[off:off + 8] = struct.pack("<Q", abi.DEAD)
+    claimed = struct.unpack_from("<Q", raw, off)[0] | abi.LAST_DEAD
+    raw[off:off + 8] = struct.pack("<Q", claimed)
     bpfsys.map_update(fd, U4.key(), bytes(raw))
     bench.events()
 
-    pkt = U4.reply(payload=bytes(8))
+    pkt = U4.orig(payload=bytes(8))
     assert bench.send(pkt) == VERDICTS["xdp"]["pass"]
     e = bench.entry(U4)
-    assert (e.last_ns, e.pkts, e.flags) == (abi.DEAD, (1, 0), 0)
+    assert (e.last_ns, e.pkts, e.flags) == (claimed, (1, 0), 0)
     assert bench.events() == []
     stats = bench.stats()
     assert (stats["untracked_packets"], stats["untracked_bytes"], stats["invalid"]) == \

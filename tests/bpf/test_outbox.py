@@ -1,8 +1,10 @@
 """The dying outbox, missed events and early drop, through BPF_PROG_TEST_RUN.
 
-A connection that ends leaves a copy of its entry in the table under its
-tuple with key.dying set (CT_KEY_DYING | generation) until the daemon acks
-its DESTROY (ct_ack4/ct_ack6: outbox key and ct_id). Unacked, the sweeper
+A connection that ends stays in the table, in place and marked as being in
+the outbox (CT_LAST_OUTBOX), until the daemon acks its DESTROY (ct_ack4/
+ct_ack6: the DESTROY's key and ct_id). A new connection that needs the tuple
+first moves it to the tuple's key with key.dying set (CT_KEY_DYING |
+generation); an ack naming the tuple still finds it there. Unacked, the sweeper
 emits the DESTROY again after a jittered grace time, same ct_id and seq,
 retries + 1. An event that finds the ring full leaves its type's bit in the
 entry; the next event that gets through carries it. Under table pressure
@@ -116,6 +118,12 @@ def with_dying(key: bytes, dying: int) -> bytes:
     return key[:at] + bytes([dying]) + key[at + 1:]
 
 
+def moved_key(key: bytes, ct_id: int, gen: int = 0) -> bytes:
+    """Where a new connection on the tuple moves an outbox entry: the first
+    free generation from ct_id on."""
+    return with_dying(live_key(key), abi.KEY_DYING | ((ct_id + gen) & 0x7F))
+
+
 def copy_meta(entry) -> tuple[int, int, int]:
     """An outbox copy's (retries, end reason, missed mask) from sched's high half."""
     hi = entry.report_slot
@@ -211,13 +219,14 @@ def test_ack_removes_only_the_named_copy_with_its_ct_id(bench, family):
     (d, new) = bench.events()
     assert (d.type, d.ct_id, abi.END_NAMES[d.end_reason], d.retries) == \
         (abi.EV_DESTROY, old_id, "fin", 0)
-    assert d.dying & abi.KEY_DYING and d.dying != 0
+    assert d.dying == 0  # emitted in place, then moved off for the new connection
     assert (new.type, new.seq) == (abi.EV_CREATE, 0) and new.ct_id != old_id
     assert bench.entry(f).ct_id == new.ct_id
 
+    moved = moved_key(f.key(), old_id)
     outbox = bench.outbox(family)
-    assert list(outbox) == [d.outbox_key()]
-    copy = outbox[d.outbox_key()]
+    assert list(outbox) == [moved]
+    copy = outbox[moved]
     assert (copy.ct_id, copy.state_name, copy.pkts) == (old_id, "TIME_WAIT", (4, 2))
     assert copy.seq == d.seq + 1
     assert (bench.glob()["entries"], bench.glob()["dying"]) == (2, 1)
@@ -225,14 +234,14 @@ def test_ack_removes_only_the_named_copy_with_its_ct_id(bench, family):
     # Wrong ct_ids: the new connection's (a real id, of the live entry) and one never made.
     assert bench.ack([d], ct_id_delta=new.ct_id - old_id) == 0
     assert bench.ack([d], ct_id_delta=-(1 << 40)) == 0
-    # The live key (dying byte 0), with the live flow's id and with the old one.
-    assert ack_raw(bench, family, [(f.key(), new.ct_id), (f.key(), old_id)]) == 0
+    # The live connection's own ack is never honoured: it has not ended.
+    assert ack_raw(bench, family, [(f.key(), new.ct_id)]) == 0
     # Another generation of the same tuple.
-    other_gen = with_dying(d.outbox_key(), abi.KEY_DYING | ((d.dying + 1) & 0x7F))
+    other_gen = moved_key(f.key(), old_id, 1)
     assert ack_raw(bench, family, [(other_gen, old_id)]) == 0
     stats = bench.stats()
-    assert (stats["acked"], stats["ack_stale"]) == (0, 5)
-    assert list(bench.outbox(family)) == [d.outbox_key()]
+    assert (stats["acked"], stats["ack_stale"]) == (0, 4)
+    assert list(bench.outbox(family)) == [moved]
     assert bench.entry(f).ct_id == new.ct_id
     assert (bench.glob()["entries"], bench.glob()["dying"]) == (2, 1)
 
@@ -241,11 +250,57 @@ def test_ack_removes_only_the_named_copy_with_its_ct_id(bench, family):
     assert list(bench.table(family)) == [f.key()]
     assert (bench.glob()["entries"], bench.glob()["dying"]) == (1, 0)
     assert bench.ack([d]) == 0  # a second ack of the same is stale
+    assert ack_raw(bench, family, [(moved, old_id)]) == 0
     stats = bench.stats()
     assert (stats["acked"], stats["ack_stale"]) == (1, 6)
     assert (bench.glob()["entries"], bench.glob()["dying"]) == (1, 0)
     assert bench.entry(f).ct_id == new.ct_id
     assert bench.events() == []
+
+
+def test_an_ended_flow_waits_in_place_until_its_tuple_is_needed(bench):
+    """Ended by early drop, UDP flows f and g stay under their own tuples.
+    g's late reply passes over g and starts a connection of its own, on the
+    reversed tuple. A packet on f's tuple moves f to a generation key and
+    starts a new connection there. Acks naming the tuples still find both."""
+    bench.configure(early_drop_low=0.01)
+    f, g = udp(7), udp(8)
+    bench.send(f.orig(payload=bytes(4)))
+    bench.send(g.orig(payload=bytes(4)))
+    assert len(bench.events()) == 2
+    assert early_until_stopped(bench, 4) == 2
+    df, dg = bench.events()
+    for d, x in ((df, f), (dg, g)):
+        assert (d.type, abi.END_NAMES[d.end_reason], d.dying) == (abi.EV_DESTROY, "early", 0)
+        e = bench.entry(x)
+        assert e.ct_id == d.ct_id
+        assert e.last_ns & abi.LAST_FLAGS == abi.LAST_DEAD | abi.LAST_OUTBOX
+        assert e.last_ns & ~abi.LAST_FLAGS == d.last_ns
+    assert bench.table(4) == {} and set(bench.outbox(4)) == {f.key(), g.key()}
+    assert live_and_dying(bench) == (0, 2)
+    bench.configure(early_drop_low=0.9)
+
+    bench.send(g.reply(payload=bytes(6)))  # a late answer: a flow of its own, reversed
+    (r,) = bench.events()
+    assert (r.type, r.pkts_orig, r.pkts_reply) == (abi.EV_CREATE, 1, 0)
+    assert r.ct_id not in (df.ct_id, dg.ct_id)
+    rev = Flow(g.dst, g.src, "udp", g.dport, g.sport)
+    assert bench.entry(rev).ct_id == r.ct_id
+    assert bench.entry(g).ct_id == dg.ct_id  # the ended one untouched
+
+    ended_f = bench.entry(f)
+    bench.send(f.orig(payload=bytes(4)))  # f's tuple again: a new connection
+    (n,) = bench.events()
+    assert (n.type, n.pkts_orig) == (abi.EV_CREATE, 1) and n.ct_id not in (df.ct_id, r.ct_id)
+    assert bench.entry(f).ct_id == n.ct_id
+    moved = moved_key(f.key(), df.ct_id)
+    assert set(bench.outbox(4)) == {moved, g.key()}
+    assert bench.outbox(4)[moved].last_ns == ended_f.last_ns
+    assert live_and_dying(bench) == (2, 2)
+
+    assert bench.ack([df, dg]) == 2
+    assert bench.outbox(4) == {} and live_and_dying(bench) == (2, 0)
+    assert {v.ct_id for v in bench.table(4).values()} == {r.ct_id, n.ct_id}
 
 
 def test_ack_batches_of_64_and_no_more(bench):
@@ -270,7 +325,7 @@ def test_ack_batches_of_64_and_no_more(bench):
     batch = [(d.outbox_key(), d.ct_id + (1 if i in wrong else 0)) for i, d in enumerate(ds[:64])]
     assert ack_raw(bench, 4, batch) == 60
     left = [ds[i] for i in sorted(wrong)] + [ds[64]]
-    assert set(bench.outbox(4)) == {d.outbox_key() for d in left}
+    assert set(bench.outbox(4)) == {moved_key(d.outbox_key(), d.ct_id) for d in left}
     assert (bench.stats()["acked"], bench.stats()["ack_stale"]) == (60, 4)
 
     # A header that claims 65 records: 60 already acked, the 4 wrongly acked
@@ -279,7 +334,7 @@ def test_ack_batches_of_64_and_no_more(bench):
     lying += [(d.outbox_key(), d.ct_id) for d in left]
     assert len(lying) == n
     assert ack_raw(bench, 4, lying, count=n) == 4
-    assert list(bench.outbox(4)) == [ds[64].outbox_key()]
+    assert list(bench.outbox(4)) == [moved_key(ds[64].outbox_key(), ds[64].ct_id)]
     assert (bench.glob()["entries"], bench.glob()["dying"]) == (n + 1, 1)
     assert (bench.stats()["acked"], bench.stats()["ack_stale"]) == (64, 4 + 60)
     assert len(bench.table(4)) == n  # the live connections were never touched
@@ -315,7 +370,7 @@ def test_unacked_destroy_is_emitted_again_until_acked(bench):
         for e in bench.events():
             seen[e.family].append((now, e))
         if t_ack is None and len(seen[4]) == 2:
-            # Acked by the retry: it names the same copy.
+            # Acked by the retry: it names the same entry, now moved.
             assert bench.ack([seen[4][1][1]]) == 1
             t_ack = time.monotonic()
         if len(seen[6]) >= 3 and t_ack is not None and now - t_ack > quiet_after_ack:
@@ -332,11 +387,13 @@ def test_unacked_destroy_is_emitted_again_until_acked(bench):
         times = [t for t, _ in seen[family]]
         for t0, t1 in zip(times, times[1:]):
             assert GRACE / 2 <= t1 - t0 <= GRACE + 2 * SLOT_S + POLL_S + 0.8, times
+        # The first emission names the tuple, the retries the key it moved to.
+        assert first.dying == 0
         for _, e in seen[family][1:]:
             assert e.type == abi.EV_DESTROY
-            assert (e.ct_id, e.seq, e.dying, e.end_reason, e.state, e.flags, e.missed) == \
-                (first.ct_id, first.seq, first.dying, first.end_reason, first.state,
-                 first.flags, 0)
+            assert e.outbox_key() == moved_key(first.outbox_key(), first.ct_id)
+            assert (e.ct_id, e.seq, e.end_reason, e.state, e.flags, e.missed) == \
+                (first.ct_id, first.seq, first.end_reason, first.state, first.flags, 0)
             assert (e.pkts_orig, e.pkts_reply, e.bytes_orig, e.bytes_reply) == \
                 (first.pkts_orig, first.pkts_reply, first.bytes_orig, first.bytes_reply)
             assert (e.first_ns, e.last_ns) == (first.first_ns, first.last_ns)
@@ -355,11 +412,12 @@ def test_unacked_destroy_is_emitted_again_until_acked(bench):
 
 @pytest.mark.parametrize("ids", ["consecutive", "congruent mod 128"])
 def test_reused_tuple_keeps_a_copy_per_connection(bench, ids):
-    """Four connections on one tuple, each ended by the next one's SYN: four
-    copies under four generation bytes, each acked by its own DESTROY. With
-    ct_ids 128 apart every copy wants the same generation byte and takes the
-    next free one; a fifth finds all four taken: its DESTROY goes out once,
-    without a copy (outbox_full)."""
+    """Four connections on one tuple, each ended by the next one's SYN: each
+    ends in place and moves to a generation key for the next one, so four
+    wait under four generation bytes, each acked by its own DESTROY. With
+    ct_ids 128 apart every one wants the same generation byte and takes the
+    next free one; a fifth finds all four taken: its DESTROY went out once,
+    and it is given up (outbox_full)."""
     f = tcp(3)
     send_all(bench, fin_close(f))
     base_id = bench.events()[0].ct_id
@@ -375,12 +433,14 @@ def test_reused_tuple_keeps_a_copy_per_connection(bench, ids):
         live_ids.append(new.ct_id)
         assert bench.entry(f).ct_id == new.ct_id
         outbox = bench.outbox(4)
-        assert set(outbox) == {x.outbox_key() for x in ds}
-        assert {outbox[x.outbox_key()].ct_id for x in ds} == set(live_ids[:-1])
+        assert len(outbox) == len(ds) and all(live_key(k) == f.key() for k in outbox)
+        assert {v.ct_id for v in outbox.values()} == set(live_ids[:-1])
         bench.send(f.orig("R"))  # CLOSE: the next SYN reuses the tuple again
         bench.events()
 
-    gens = [d.dying for d in ds]
+    assert all(d.dying == 0 for d in ds)
+    by_id = {v.ct_id: k[DYING_AT[4]] for k, v in bench.outbox(4).items()}
+    gens = [by_id[d.ct_id] for d in ds]
     assert len(set(gens)) == 4 and all(g & abi.KEY_DYING for g in gens)
     if ids == "consecutive":
         assert gens == [abi.KEY_DYING | ((i + 0) & 0x7F) for i in live_ids[:4]]
@@ -395,16 +455,16 @@ def test_reused_tuple_keeps_a_copy_per_connection(bench, ids):
         d5, new5 = bench.events()
         assert (d5.type, d5.ct_id, d5.dying, d5.retries) == (abi.EV_DESTROY, live_ids[-1], 0, 0)
         assert bench.stats()["outbox_full"] == stats_before["outbox_full"] + 1
-        assert len(bench.outbox(4)) == 4  # no fifth copy
+        assert len(bench.outbox(4)) == 4  # no fifth
         assert bench.entry(f).ct_id == new5.ct_id
         assert (bench.glob()["entries"], bench.glob()["dying"]) == (5, 4)
-        assert bench.ack([d5]) == 0  # nothing to ack: its key is the live one
+        assert bench.ack([d5]) == 0  # nothing to ack: it was given up
 
-    remaining = {d.outbox_key() for d in ds}
+    remaining = {d.ct_id for d in ds}
     for i in (1, 3, 0, 2):
         assert bench.ack([ds[i]]) == 1
-        remaining.discard(ds[i].outbox_key())
-        assert set(bench.outbox(4)) == remaining
+        remaining.discard(ds[i].ct_id)
+        assert {v.ct_id for v in bench.outbox(4).values()} == remaining
         assert live_and_dying(bench) == (1, len(remaining))
     assert list(bench.table(4)) == [f.key()]
 
@@ -414,7 +474,7 @@ def test_reused_tuple_keeps_a_copy_per_connection(bench, ids):
 @pytest.mark.parametrize("end", ["sweeper", "tuple reuse"])
 def test_destroy_that_found_the_ring_full_is_retried_in_the_next_slot(ring_bench, end):
     """A flow ends while the ring is full (expired by the sweeper, or ended
-    by a new SYN on its tuple): its copy goes to the outbox with the DESTROY
+    by a new SYN on its tuple): it goes to the outbox with the DESTROY
     bit in its missed mask, filed for the next slot rather than after the
     grace time (20 s here). Once the ring has room the sweeper emits the
     DESTROY (retries 1, missed DESTROY) within a few seconds."""
@@ -435,9 +495,13 @@ def test_destroy_that_found_the_ring_full_is_retried_in_the_next_slot(ring_bench
     t_miss = time.monotonic()
     stats = b.stats()
     assert (stats["destroyed"], stats["ring_full"]) == (1, 1 + lost)
-    assert (b.entry(x) is None) == (end == "sweeper")  # the tuple is free at once
     (key, copy), = b.outbox(4).items()
     assert live_key(key) == x.key() and copy.ct_id == made[0].ct_id
+    if end == "sweeper":
+        assert key == x.key()  # in place: nobody needed the tuple
+    else:
+        assert key == moved_key(x.key(), made[0].ct_id)  # moved for the next one
+        assert b.entry(x).ct_id != made[0].ct_id
     reason = abi.END_IDLE if end == "sweeper" else abi.END_FIN
     assert copy_meta(copy) == (0, reason, abi.MISSED_DESTROY)
     assert copy.sched_slot <= monotonic_slot() + 1, "filed after the grace time, not the next slot"
@@ -552,12 +616,13 @@ def test_early_drop_ends_unassured_flows_soonest_due_first_down_to_the_low_water
         [f.key() for f in syn6] + [f.key() for f in unassured[:18]]
     for e in events:
         assert (abi.END_NAMES[e.end_reason], e.retries, e.missed) == ("early", 0, 0)
-        assert e.dying & abi.KEY_DYING
+        assert e.dying == 0  # ended in place
         assert (e.pkts_orig, e.pkts_reply, e.flags & A) == (1, 0, 0)
     assert {e.state for e in events[:6]} == {abi.S_SYN_SENT}
     assert live_and_dying(bench) == (low, 24)
     assert {f.key(): bench.entry(f) for f in assured} == before
-    assert all(bench.entry(f) is not None for f in unassured[18:])
+    assert all(bench.entry(f).last_ns & abi.LAST_OUTBOX for f in unassured[:18])
+    assert not any(bench.entry(f).last_ns & abi.LAST_DEAD for f in unassured[18:])
     outbox = {**bench.outbox(4), **bench.outbox(6)}
     assert {k: v.ct_id for k, v in outbox.items()} == {e.outbox_key(): e.ct_id for e in events}
     assert all(copy_meta(v)[1] == abi.END_EARLY for v in outbox.values())
@@ -656,5 +721,15 @@ def test_an_ipv6_flow_ending_at_the_ipv6_cap_still_gets_its_outbox_copy():
         (d,) = b.events()
         assert (d.type, live_key(d.outbox_key())) == (abi.EV_DESTROY, flows[0].key())
         assert b.stats()["outbox_full"] == 0
-        assert d.dying & abi.KEY_DYING
-        assert list(b.outbox(6)) == [d.outbox_key()]
+        assert d.dying == 0
+        assert list(b.outbox(6)) == [flows[0].key()]
+        # The cap is reached (the ended flow still counts): its tuple's next
+        # packet is not tracked, and the ended flow is not moved for nothing.
+        b.send(flows[0].orig(payload=bytes(4)))
+        assert b.stats()["table_full"] == 2 and b.events() == []
+        assert list(b.outbox(6)) == [flows[0].key()]
+        assert b.ack([d]) == 1
+        b.send(flows[0].orig(payload=bytes(4)))
+        (new,) = b.events()
+        assert (new.type, new.family) == (abi.EV_CREATE, 6) and new.ct_id != d.ct_id
+        assert b.outbox(6) == {} and b.stats()["outbox_full"] == 0
