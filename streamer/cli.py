@@ -1,4 +1,4 @@
-"""ctstream command line: events, list, stats, detach, demo."""
+"""ctstream command line: run, events, status, list, stats, detach, demo."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import time
+import tomllib
 
 from . import __version__
 from .config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
-from .errors import StreamerError
+from .errors import ConfigError, StreamerError
 
 log = logging.getLogger("ctstream")
 
@@ -32,6 +35,21 @@ def _size(text: str) -> int:
         return int(t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 4096, 64k or 4m, got {text!r}") from None
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--interface", action="append", required=True, dest="ifaces", metavar="IFACE",
+                   help="interface to attach XDP to (repeat for a gateway)")
+    p.add_argument("--egress", action="store_true",
+                   help="also attach a tc egress program, for connections that end on this host")
+    p.add_argument("-n", "--netns", help="network namespace of the interfaces (name in /run/netns)")
+    p.add_argument("--keep", action="store_true",
+                   help="on stop, leave the programs attached and the maps pinned: the kernel "
+                        "keeps tracking, and the next start adopts the table and its outbox "
+                        "(`ctstream detach` removes everything)")
+    p.add_argument("--lost-interval", type=_seconds, default=10.0, metavar="S",
+                   help="seconds between LOST reports of new drops, 0 = off (%(default)g)")
+    _add_datapath_args(p)
 
 
 def _add_datapath_args(p: argparse.ArgumentParser) -> None:
@@ -90,24 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    r = sub.add_parser("run", help="the daemon: track and ship every event to Kafka")
+    _add_target_args(r)
+    k = r.add_argument_group("kafka")
+    k.add_argument("--config", metavar="FILE.toml",
+                   help="settings file: top-level keys are these long options without "
+                        "the dashes (kafka = \"host:9092\", timeout-udp = 30, interface = "
+                        "[\"eth0\"], egress = true); the command line wins")
+    k.add_argument("--kafka", required=True, metavar="HOST:PORT[,HOST:PORT]", help="bootstrap servers")
+    k.add_argument("--topic", required=True, help="the topic (must exist: auto-create is not assumed)")
+    k.add_argument("--node-id", help="this node's name in every record (default: the host name)")
+    k.add_argument("--spool", metavar="DIR",
+                   help="durable spool for when Kafka is down or slow "
+                        "(default /var/lib/ctstream/spool/<pin dir name>)")
+    k.add_argument("--spool-max", type=_size, default=1 << 30, metavar="SIZE",
+                   help="spool bound; when full, DESTROYs stay in the kernel's outbox (1g)")
+    k.add_argument("--kafka-timeout", type=_seconds, default=5.0, metavar="S",
+                   help="a batch not acknowledged within S seconds goes to the spool (%(default)g)")
+    k.add_argument("--kafka-compression", default="none",
+                   choices=("none", "gzip", "snappy", "lz4", "zstd"))
+    k.add_argument("--kafka-security-protocol", default="PLAINTEXT",
+                   choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    k.add_argument("--kafka-ssl-cafile", metavar="FILE")
+    k.add_argument("--kafka-ssl-certfile", metavar="FILE")
+    k.add_argument("--kafka-ssl-keyfile", metavar="FILE")
+    k.add_argument("--kafka-sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    k.add_argument("--kafka-sasl-username")
+    k.add_argument("--kafka-sasl-password-file", metavar="FILE",
+                   help="file holding the SASL password (or set CTSTREAM_KAFKA_SASL_PASSWORD)")
+
     e = sub.add_parser("events", help="attach and stream connection events, like conntrack -E")
-    e.add_argument("-i", "--interface", action="append", required=True, dest="ifaces", metavar="IFACE",
-                   help="interface to attach XDP to (repeat for a gateway)")
-    e.add_argument("--egress", action="store_true",
-                   help="also attach a tc egress program, for connections that end on this host")
-    e.add_argument("-n", "--netns", help="network namespace of the interfaces (name in /run/netns)")
+    _add_target_args(e)
     e.add_argument("-o", "--output", choices=("text", "json"), default="text",
                    help="line format on stdout")
     e.add_argument("--sink", default="stdout", metavar="SPEC",
                    help="stdout, or jsonl:PATH (appended, fsync'd in batches); a DESTROY is "
                         "acked to the kernel's outbox only once the sink has it durably")
-    e.add_argument("--keep", action="store_true",
-                   help="on stop, leave the programs attached and the maps pinned: the kernel "
-                        "keeps tracking, and the next start adopts the table and its outbox "
-                        "(`ctstream detach` removes everything)")
-    e.add_argument("--lost-interval", type=_seconds, default=10.0, metavar="S",
-                   help="seconds between LOST reports of new drops, 0 = off (%(default)g)")
-    _add_datapath_args(e)
+
+    ss = sub.add_parser("status", help="the daemon's state: Kafka, spool, outbox, in flight")
+    ss.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    ss.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
     ls = sub.add_parser("list", help="the live table, like conntrack -L")
     ls.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
@@ -129,11 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _with_config_file(argv)
+    except ConfigError as exc:
+        print(f"ctstream: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="ctstream: %(message)s", stream=sys.stderr)
+    # aiokafka logs every failed connect; the Kafka sink says it once, in words.
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if args.verbose and
+                                           os.environ.get("CTSTREAM_DEBUG_KAFKA") else logging.CRITICAL)
     try:
         return _dispatch(args)
+    except ConfigError as exc:  # a bad value: like argparse's usage errors
+        print(f"ctstream: error: {exc}", file=sys.stderr)
+        return 2
     except StreamerError as exc:
         print(f"ctstream: error: {exc}", file=sys.stderr)
         return 1
@@ -141,9 +193,52 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _with_config_file(argv: list[str]) -> list[str]:
+    """`run --config FILE`: the file's settings as options placed before the
+    command line's own, so that the command line wins."""
+    if "run" not in argv:
+        return argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv[argv.index("run") + 1:])
+    if not known.config:
+        return argv
+    try:
+        with open(known.config, "rb") as f:
+            settings = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {known.config}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {known.config} is not valid TOML: {exc}") from exc
+    options = {a for act in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               for a in act.option_strings if a.startswith("--")}
+    extra: list[str] = []
+    for name, value in settings.items():
+        opt = "--" + name.replace("_", "-")
+        if opt == "--config" or opt not in options:
+            raise ConfigError(f"config file {known.config}: unknown setting {name!r}")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is True:
+                extra.append(opt)
+            elif v is False:
+                continue
+            elif isinstance(v, (str, int, float)):
+                extra += [opt, str(v)]
+            else:
+                raise ConfigError(f"config file {known.config}: {name} must be a string, "
+                                  f"number, boolean or a list of them")
+    at = argv.index("run") + 1
+    return argv[:at] + extra + argv[at:]
+
+
 def _dispatch(a: argparse.Namespace) -> int:
+    if a.cmd == "run":
+        return asyncio.run(_run(a))
     if a.cmd == "events":
         return asyncio.run(_events(a))
+    if a.cmd == "status":
+        return _status(a)
     if a.cmd == "list":
         return _list(a)
     if a.cmd == "stats":
@@ -156,21 +251,63 @@ def _dispatch(a: argparse.Namespace) -> int:
     raise AssertionError(a.cmd)
 
 
+def _kafka_sink(a: argparse.Namespace):
+    from .kafka_sink import KafkaSink
+    from .producer import KafkaSettings
+
+    password = os.environ.get("CTSTREAM_KAFKA_SASL_PASSWORD")
+    if a.kafka_sasl_password_file:
+        try:
+            with open(a.kafka_sasl_password_file) as f:
+                password = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --kafka-sasl-password-file "
+                              f"{a.kafka_sasl_password_file}: {exc.strerror}") from exc
+    if not (0 < a.kafka_timeout <= 3600):
+        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
+    if a.spool_max < 1 << 20:
+        raise ConfigError(f"--spool-max must be at least 1m, got {a.spool_max}")
+    timeout_ms = int(a.kafka_timeout * 1000)
+    settings = KafkaSettings(
+        bootstrap=a.kafka, topic=a.topic, compression=a.kafka_compression,
+        request_timeout_ms=max(100, min(timeout_ms, 10_000)), delivery_timeout_ms=max(100, timeout_ms),
+        security_protocol=a.kafka_security_protocol, ssl_cafile=a.kafka_ssl_cafile,
+        ssl_certfile=a.kafka_ssl_certfile, ssl_keyfile=a.kafka_ssl_keyfile,
+        sasl_mechanism=a.kafka_sasl_mechanism, sasl_username=a.kafka_sasl_username,
+        sasl_password=password)
+    spool = a.spool or os.path.join("/var/lib/ctstream/spool", os.path.basename(a.pin_dir.rstrip("/")))
+    return KafkaSink(settings, spool, a.spool_max, a.node_id)
+
+
+async def _run(a: argparse.Namespace) -> int:
+    # Settings first (a bad TLS file, a bad bootstrap address): nothing of
+    # the datapath is touched when they are wrong.
+    sink = _kafka_sink(a)
+    return await _serve(a, sink, f"to Kafka {a.kafka} topic {a.topic}")
+
+
 async def _events(a: argparse.Namespace) -> int:
-    from .daemon import Session, Target, install_signal_handlers
     from .sink import parse_sink
+
+    stop = asyncio.Event()
+    sink = parse_sink(a.sink, a.output, on_closed=stop.set)
+    return await _serve(a, sink, "", stop)
+
+
+async def _serve(a: argparse.Namespace, sink, where: str, stop: asyncio.Event | None = None) -> int:
+    from .daemon import Session, Target, install_signal_handlers
 
     cfg = _datapath_config(a)
     if a.lost_interval < 0:
-        raise StreamerError(f"--lost-interval must be 0 (off) or positive, got {a.lost_interval}")
-    stop = asyncio.Event()
+        raise ConfigError(f"--lost-interval must be 0 (off) or positive, got {a.lost_interval}")
+    stop = stop or asyncio.Event()
     install_signal_handlers(stop)
-    sink = parse_sink(a.sink, a.output, on_closed=stop.set)
     async with Session(cfg, Target(a.ifaces, a.netns, a.egress), sink=sink, keep=a.keep,
                        lost_interval=a.lost_interval) as s:
         adopted = " (adopted the pinned table)" if s.dp.adopted else ""
         print(f"ctstream: tracking on {', '.join(a.ifaces)}"
-              f"{' (+egress)' if a.egress else ''}{adopted}; Ctrl-C to stop", file=sys.stderr)
+              f"{' (+egress)' if a.egress else ''}{adopted}{' ' + where if where else ''}; "
+              f"Ctrl-C to stop", file=sys.stderr)
         waiter = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(s.stopping.wait())
         await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,6 +316,55 @@ async def _events(a: argparse.Namespace) -> int:
     if s.failure:
         raise StreamerError(str(s.failure))
     return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    from .daemon import status_path
+    from .table import PinnedTable
+
+    st: dict = {"pin_dir": a.pin_dir, "daemon_running": False}
+    try:
+        daemon = json.loads(status_path(a.pin_dir).read_text())
+    except (OSError, ValueError):
+        daemon = None
+    if daemon:
+        st["daemon_running"] = _alive(daemon.get("pid", 0))
+        st["status_age_s"] = round(time.time() - daemon.get("time", 0), 1)
+        st.update({k: v for k, v in daemon.items() if k not in ("entries", "outbox", "time")})
+        if not st["daemon_running"]:
+            st["kafka_connected"] = False
+    with PinnedTable(a.pin_dir) as t:
+        st.update(t.stats())
+    if a.output == "json":
+        print(json.dumps(st))
+        return 0
+    width = max(len(k) for k in st)
+    for k, v in st.items():
+        if k == "last_ack_time" and v:
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def _remove_stale_state(pin_dir: str) -> None:
+    """The status file of a daemon that is gone (SIGKILLed daemons leave it)."""
+    from .daemon import status_path
+
+    path = status_path(pin_dir)
+    try:
+        pid = json.loads(path.read_text()).get("pid", 0)
+    except (OSError, ValueError):
+        return
+    if not _alive(pid):
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, ValueError, OverflowError):
+        return False
+    return pid > 0
 
 
 def _list(a: argparse.Namespace) -> int:
@@ -220,6 +406,7 @@ def _detach(a: argparse.Namespace) -> int:
     problems = detach(atts)
     save_attachments(a.pin_dir, [])
     remove_pins(a.pin_dir)
+    _remove_stale_state(a.pin_dir)
     for p in problems:
         print(f"ctstream: could not detach {p}", file=sys.stderr)
     print(f"ctstream: detached {len(atts) - len(problems)} program(s), removed {a.pin_dir}", file=sys.stderr)

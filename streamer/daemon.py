@@ -9,8 +9,13 @@ and the maps pinned, so the kernel keeps tracking (and keeps the outbox) for
 the next start to adopt; a SIGKILLed daemon leaves the same state behind.
 
 Events flow: ring -> Event -> sink.write. The committer makes what was
-written durable (sink.commit, in a worker thread) and only then acks the
-DESTROYs among it, which removes their copies from the kernel's outbox.
+written durable (sink.commit_async: a file's fsync, Kafka's acknowledgement
+or the spool's fsync) and only then acks the DESTROYs among it, which
+removes them from the kernel's outbox; a DESTROY the sink could not make
+durable is not acked, so the kernel emits it again later. While the sink's
+backlog is above MAX_BACKLOG the ring reader pauses: the ring fills, and the
+kernel keeps what it cannot emit (missed-event bits, the outbox).
+A status file (status_path) is rewritten every second for `ctstream status`.
 Signals only set an event. Background parts report failures through
 `fail()`, so a dead part stops the daemon loudly instead of silently.
 """
@@ -19,18 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from . import abi
 from .config import DatapathConfig
 from .errors import StreamerError
 from .events import Clock, Event, LostReport
-from .loader import Datapath, acquire_lock, check_environment, remove_pins
+from .loader import STATE_DIR, Datapath, acquire_lock, check_environment, remove_pins
 from .outbox import Outbox
 from .ringbuf import RingReader, RingSpace
 from .sink import CallbackSink, Sink
@@ -44,6 +52,13 @@ log = logging.getLogger(__name__)
 LOST_COUNTERS = ("ring_full", "table_full", "untracked_packets", "untracked_bytes",
                  "early_drops", "outbox_full")
 PRESSURE_INTERVAL = 0.005  # seconds between ticks while above the high watermark
+MAX_BACKLOG = 100_000      # events written, not yet committed: the reader pauses above
+STATUS_INTERVAL = 1.0
+
+
+def status_path(pin_dir: str) -> Path:
+    """Where the daemon that owns pin_dir writes its status."""
+    return STATE_DIR / (pin_dir.strip("/").replace("/", "_") + ".status.json")
 
 
 @dataclass
@@ -69,6 +84,7 @@ class Session:
     failure: BaseException | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
+    reader_paused: bool = False
     _tasks: list = field(default_factory=list)
 
     def fail(self, exc: BaseException) -> None:
@@ -109,7 +125,8 @@ class Session:
         self._acks: list[tuple[int, bytes, int]] = []
         self._written = asyncio.Event()
         self._last_commit = 0.0
-        self._stack.callback(self.sink.close)
+        await self.sink.start()
+        self._stack.push_async_callback(self.sink.aclose)
 
         def deliver(raw: abi.RawEvent) -> None:
             ev = Event.from_raw(raw, clock)
@@ -118,6 +135,9 @@ class Session:
             if ev.ack_ref is not None:
                 self._acks.append(ev.ack_ref)
             self._written.set()
+            if not self.reader_paused and self.sink.backlog() > MAX_BACKLOG:
+                self.reader_paused = True
+                self.reader.stop()
 
         space = RingSpace(self.dp.fd("ct_events"), self.cfg.ring_bytes)
         self._stack.callback(space.close)
@@ -136,6 +156,9 @@ class Session:
         self._spawn(self._sweep_loop(), "ctstream-sweeper")
         if self.lost_interval > 0:
             self._spawn(self._lost_loop(clock), "ctstream-lost")
+        self._status_file = status_path(self.cfg.pin_dir)
+        self._stack.callback(self._remove_status)
+        self._spawn(self._status_loop(), "ctstream-status")
         self._stack.push_async_callback(self._cancel_tasks)
 
         # Netlink work runs in a worker thread: pyroute2's synchronous API
@@ -175,10 +198,15 @@ class Session:
     async def _commit(self) -> None:
         self._written.clear()
         acks, self._acks = self._acks, []
-        await asyncio.to_thread(self.sink.commit)
+        refused = await self.sink.commit_async()
         self._last_commit = time.monotonic()
+        if refused:
+            acks = [a for a in acks if a not in refused]
         if acks:
             await asyncio.to_thread(self.outbox.ack, acks)
+        if self.reader_paused and self.sink.backlog() <= MAX_BACKLOG // 2:
+            self.reader_paused = False
+            self.reader.start()
 
     async def _sweep_loop(self) -> None:
         try:
@@ -201,12 +229,42 @@ class Session:
                 lost = {k: cur[k] - prev[k] for k in LOST_COUNTERS if cur[k] > prev[k]}
                 prev = cur
                 if lost:
-                    self.sink.write(LostReport(time.time_ns() // 1_000_000, self.lost_interval, lost))
+                    totals = {k: cur[k] for k in LOST_COUNTERS}
+                    self.sink.write(LostReport(time.time_ns() // 1_000_000, self.lost_interval,
+                                               lost, totals=totals))
                     self._written.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.fail(StreamerError(f"loss accounting failed: {exc}"))
+
+    async def _status_loop(self) -> None:
+        try:
+            while True:
+                self.write_status()
+                await asyncio.sleep(STATUS_INTERVAL)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fail(StreamerError(f"status file {self._status_file}: {exc}"))
+
+    def status(self) -> dict:
+        g = self.dp.global_state()
+        return {"pid": os.getpid(), "pin_dir": self.cfg.pin_dir, "time": time.time(),
+                "events_delivered": self.delivered, "reader_paused": self.reader_paused,
+                "sink": self.sink.name, "entries": g["entries"], "outbox": g["dying"],
+                "last_commit_age_s": (time.monotonic() - self._last_commit
+                                      if self._last_commit else None),
+                **self.sink.status()}
+
+    def write_status(self) -> None:
+        tmp = self._status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, self._status_file)
+
+    def _remove_status(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._status_file.unlink()
 
     async def _cancel_tasks(self) -> None:
         for t in self._tasks:

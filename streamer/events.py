@@ -143,6 +143,7 @@ class LostReport:
     interval_s: float
     lost: dict[str, int]
     type: str = "LOST"
+    totals: dict[str, int] | None = None  # the counters since the datapath was loaded
 
     def as_dict(self) -> dict:
         return {"type": self.type, "time_ms": self.time_ms, "interval_s": self.interval_s,

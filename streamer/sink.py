@@ -16,6 +16,7 @@ after a commit that followed its write returned: that is the whole contract.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Callable
@@ -34,8 +35,28 @@ class Sink:
     def commit(self) -> None:
         """Make everything written so far durable; raises on failure."""
 
+    async def commit_async(self) -> set:
+        """commit() for the daemon: the ack references (Event.ack_ref) of
+        DESTROYs written since the last commit that were NOT made durable
+        (the daemon leaves those in the kernel's outbox)."""
+        await asyncio.to_thread(self.commit)
+        return set()
+
+    def backlog(self) -> int:
+        """Events written and not yet taken by a commit."""
+        return 0
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
         pass
+
+    def status(self) -> dict:
+        return {}
 
 
 class CallbackSink(Sink):

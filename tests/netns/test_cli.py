@@ -213,26 +213,28 @@ def _events(ns, pin, *extra):
 
 
 # (id, argv from (server netns, pin dir), what the error line must mention,
-# "{pin}" standing for the pin dir)
+# "{pin}" standing for the pin dir, exit status: 2 for a bad value, 1 for a
+# failure of the environment)
 BAD_INPUT = [
     ("unknown-interface",
-     lambda ns, pin: ["events", "-n", ns, "-i", "nosuchif0", "--pin-dir", pin], "nosuchif0"),
+     lambda ns, pin: ["events", "-n", ns, "-i", "nosuchif0", "--pin-dir", pin], "nosuchif0", 1),
     ("unknown-netns",
-     lambda ns, pin: _events("ctsnosuchns0", pin), "ctsnosuchns0"),
-    ("negative-timeout", lambda ns, pin: _events(ns, pin, "--timeout-udp", "-5"), "udp"),
-    ("zero-timeout", lambda ns, pin: _events(ns, pin, "--timeout-icmp", "0"), "icmp"),
-    ("nan-timeout", lambda ns, pin: _events(ns, pin, "--timeout-fin", "nan"), "fin"),
-    ("ring-not-power-of-two", lambda ns, pin: _events(ns, pin, "--ring-size", "5000"), "power of two"),
-    ("list-nothing-pinned", lambda ns, pin: ["list", "-o", "json", "--pin-dir", pin], "{pin}"),
-    ("stats-nothing-pinned", lambda ns, pin: ["stats", "-o", "json", "--pin-dir", pin], "{pin}"),
+     lambda ns, pin: _events("ctsnosuchns0", pin), "ctsnosuchns0", 1),
+    ("negative-timeout", lambda ns, pin: _events(ns, pin, "--timeout-udp", "-5"), "udp", 2),
+    ("zero-timeout", lambda ns, pin: _events(ns, pin, "--timeout-icmp", "0"), "icmp", 2),
+    ("nan-timeout", lambda ns, pin: _events(ns, pin, "--timeout-fin", "nan"), "fin", 2),
+    ("ring-not-power-of-two", lambda ns, pin: _events(ns, pin, "--ring-size", "5000"),
+     "power of two", 2),
+    ("list-nothing-pinned", lambda ns, pin: ["list", "-o", "json", "--pin-dir", pin], "{pin}", 1),
+    ("stats-nothing-pinned", lambda ns, pin: ["stats", "-o", "json", "--pin-dir", pin], "{pin}", 1),
 ]
 
 
-@pytest.mark.parametrize("argv,mention", [(a, m) for _, a, m in BAD_INPUT],
-                         ids=[i for i, _, _ in BAD_INPUT])
-def test_bad_input_fails_with_one_line_and_leaves_nothing(pair, pin, argv, mention):
+@pytest.mark.parametrize("argv,mention,code", [(a, m, c) for _, a, m, c in BAD_INPUT],
+                         ids=[i for i, _, _, _ in BAD_INPUT])
+def test_bad_input_fails_with_one_line_and_leaves_nothing(pair, pin, argv, mention, code):
     res = ctstream(*argv(pair.server.netns, pin))
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == code, res.stderr
     assert mention.format(pin=pin) in one_error_line(res.stderr)
     assert res.stdout == ""
     assert_nothing_left(pair.server, pin)

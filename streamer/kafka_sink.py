@@ -1,0 +1,221 @@
+"""The Kafka sink: events to Kafka, with the durable spool as the fallback
+that keeps the delivery promise while Kafka is down or slow.
+
+Two paths, and the rule that picks one at each commit:
+
+- live: the spool holds nothing undelivered and the producer is connected.
+  The commit sends the batch and returns when Kafka acknowledged all of it
+  (acks=all); the daemon then acks the batch's DESTROYs to the kernel.
+- spooled: anything else. The commit appends the batch to the spool and
+  returns after the fsync; the DESTROYs are acked to the kernel then, so the
+  kernel's table does not fill up during a long outage. A drain task
+  reconnects and sends the spool in order; only when it is empty does a
+  commit go live again, so the events of one connection reach Kafka in the
+  order they were made.
+
+A live send that fails or takes longer than the delivery timeout spools the
+same batch: Kafka may then hold some of its records twice, which the dedupe
+key (nodeId, ctId, seq) absorbs. When the spool is full (its bound is
+`spool_max`), a commit refuses the DESTROYs it could not spool: the daemon
+does not ack them, the kernel's outbox keeps them and emits them again after
+its grace time. A refused CREATE or UPDATE is counted in `spool_refused`;
+the kernel does not retry those.
+
+The commit and the drain hold one lock, so the choice between the two paths
+and the drain's last batch cannot interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from .errors import ConfigError
+from .events import LostReport
+from .producer import KafkaSettings, KafkaUnavailable, Producer
+from .records import check_node_id, encode_event, lost_record, message_key
+from .sink import Sink
+from .spool import Spool, SpoolFull
+from .wire import encode
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0     # a connection attempt, at start and when draining
+RETRY_S = 2.0               # between connection attempts while Kafka is away
+DRAIN_BATCH = 5_000         # spooled records per send while draining
+MAX_PENDING = 100_000       # written, not yet committed: the reader pauses above
+
+
+class KafkaSink(Sink):
+    name = "kafka"
+
+    def __init__(self, settings: KafkaSettings, spool_dir: str, spool_max: int = 1 << 30,
+                 node_id: str | None = None):
+        self.settings = settings.validate()
+        self.node_id = check_node_id(node_id or socket.gethostname())
+        self.batch_s = settings.linger_ms / 1000
+        self.spool_dir = spool_dir
+        self.spool_max = spool_max
+        self.producer = Producer(settings)
+        self.spool: Spool | None = None
+        self._pending: list[tuple[bytes, bytes, int, tuple | None]] = []
+        self._lock = asyncio.Lock()
+        self._kick = asyncio.Event()
+        self._drainer: asyncio.Task | None = None
+        self.error: str | None = None        # why Kafka is not used now, for status
+        self.spool_refused = 0               # CREATE/UPDATE/LOST the full spool refused
+        self.sent_live = 0
+        self.sent_from_spool = 0
+        self.spooled = 0
+
+    # ---- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the spool directory {self.spool_dir}: "
+                              f"{exc.strerror}") from exc
+        self.spool = await asyncio.to_thread(Spool.open, self.spool_dir, self.spool_max)
+        rec = self.spool.recovery
+        for problem in rec.problems:
+            log.error("spool %s: %s", self.spool_dir, problem)
+        if rec.skipped_records or rec.skipped_bytes:
+            log.error("spool %s: skipped %d damaged record(s), %d byte(s); kept %d",
+                      self.spool_dir, rec.skipped_records, rec.skipped_bytes, rec.records)
+        if self.spool.depth_records:
+            log.warning("spool %s holds %d record(s) not yet in Kafka: draining them first",
+                        self.spool_dir, self.spool.depth_records)
+        await self._connect()
+        self._drainer = asyncio.create_task(self._drain_loop(), name="ctstream-spool-drain")
+        self._kick.set()
+
+    async def aclose(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+            try:
+                await self._drainer
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.producer.stop()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.close)
+
+    # ---- the sink contract ----------------------------------------------------------
+    def write(self, ev) -> None:
+        if isinstance(ev, LostReport):
+            rec = lost_record(LostReport(ev.time_ms, ev.interval_s, ev.totals or ev.lost),
+                              self.node_id)
+            self._pending.append((message_key(rec), encode(rec), ev.time_ms, None))
+            return
+        key, value = encode_event(ev, self.node_id)
+        self._pending.append((key, value, ev.time_ms, ev.ack_ref))
+
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def commit_async(self) -> set:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return set()
+        async with self._lock:
+            if self.producer.connected and self.spool.depth_records == 0:
+                try:
+                    await self.producer.send([(k, v) for k, v, _, _ in batch])
+                    self.sent_live += len(batch)
+                    return set()
+                except KafkaUnavailable as exc:
+                    self._lost_kafka(str(exc))
+            return await self._to_spool(batch)
+
+    async def _to_spool(self, batch) -> set:
+        refused = set()
+        for key, value, time_ms, ref in batch:
+            try:
+                self.spool.append(key, value, time_ms)
+            except SpoolFull:
+                if ref is not None:
+                    refused.add(ref)
+                else:
+                    self.spool_refused += 1
+        await asyncio.to_thread(self.spool.sync)
+        self.spooled += len(batch) - len(refused)
+        if refused:
+            log.warning("spool %s is full (%d bytes): %d DESTROY(s) stay in the kernel's "
+                        "outbox until there is room", self.spool_dir, self.spool.depth_bytes,
+                        len(refused))
+        self._kick.set()
+        return refused
+
+    # ---- Kafka away and back ------------------------------------------------------------
+    async def _connect(self) -> bool:
+        try:
+            await self.producer.start(timeout_s=CONNECT_TIMEOUT_S)
+        except (KafkaUnavailable, ConfigError) as exc:
+            self._lost_kafka(str(exc))
+            return False
+        if self.error is not None:
+            log.warning("Kafka at %s is back", self.settings.bootstrap)
+        self.error = None
+        return True
+
+    def _lost_kafka(self, why: str) -> None:
+        if why != self.error:
+            log.error("Kafka: %s; spooling to %s", why, self.spool_dir)
+        self.error = why
+
+    async def _drain_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self.spool.depth_records:
+                if not self.producer.connected and not await self._connect():
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                if not await self._drain_batch():
+                    await asyncio.sleep(RETRY_S)
+
+    async def _drain_batch(self) -> bool:
+        async with self._lock:
+            recs = await asyncio.to_thread(self.spool.read, DRAIN_BATCH)
+            if not recs:
+                return True
+            try:
+                await self.producer.send([(r.key, r.value) for r in recs])
+            except KafkaUnavailable as exc:
+                self._lost_kafka(str(exc))
+                return False
+            await asyncio.to_thread(self.spool.mark_delivered, recs[-1].offset)
+            self.sent_from_spool += len(recs)
+            if self.spool.depth_records == 0:
+                log.info("spool drained: live again")
+            return True
+
+    # ---- state ------------------------------------------------------------------------
+    def status(self) -> dict:
+        sp = self.spool
+        return {
+            "kafka_connected": self.producer.connected,
+            "kafka_error": self.error,
+            "kafka_bootstrap": self.settings.bootstrap,
+            "topic": self.settings.topic,
+            "node_id": self.node_id,
+            "in_flight": self.producer.in_flight,
+            "kafka_acked": self.producer.acked,
+            "last_ack_time": self.producer.last_ack_time,
+            "sent_live": self.sent_live,
+            "sent_from_spool": self.sent_from_spool,
+            "spooled": self.spooled,
+            "spool_dir": self.spool_dir,
+            "spool_records": sp.depth_records if sp else 0,
+            "spool_bytes": sp.depth_bytes if sp else 0,
+            "spool_max": self.spool_max,
+            "spool_full": bool(sp and sp.full),
+            "spool_full_refusals": sp.full_refusals if sp else 0,
+            "spool_refused_events": self.spool_refused,
+            "pending": len(self._pending),
+            "time": time.time(),
+        }
+
