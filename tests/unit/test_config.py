@@ -70,5 +70,40 @@ def test_cli_bad_config_is_a_one_line_error(capsys):
     from streamer.cli import main
     rc = main(["events", "-i", "lo", "--ring-size", "5000"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1
+    assert rc == 2
     assert len(err) == 1 and err[0].startswith("ctstream: error:") and "power of two" in err[0]
+
+
+def test_run_config_file_settings_and_the_command_line_wins(tmp_path):
+    from streamer.cli import _with_config_file, build_parser
+    f = tmp_path / "ct.toml"
+    f.write_text('kafka = "127.0.0.1:9092"\ntopic = "flows"\ninterface = ["eth0", "eth1"]\n'
+                 'egress = true\ntimeout-udp = 7\nspool_max = "64m"\n')
+    argv = _with_config_file(["run", "--config", str(f), "--topic", "other", "-i", "eth2"])
+    a = build_parser().parse_args(argv)
+    assert (a.kafka, a.topic, a.egress, a.timeout_udp, a.spool_max) == \
+        ("127.0.0.1:9092", "other", True, 7.0, 64 << 20)
+    assert a.ifaces == ["eth0", "eth1", "eth2"]
+
+
+@pytest.mark.parametrize("text,says", [
+    ('kafak = "x:1"\n', "unknown setting 'kafak'"),
+    ('kafka = \n', "not valid TOML"),
+    ('timeout-udp = {a = 1}\n', "must be a string, number, boolean"),
+])
+def test_run_config_file_errors(tmp_path, capsys, text, says):
+    from streamer.cli import main
+    f = tmp_path / "ct.toml"
+    f.write_text(text)
+    assert main(["run", "--config", str(f), "-i", "lo", "--kafka", "h:1", "--topic", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and str(f) in err[0]
+
+
+def test_run_bad_tls_file_is_refused_before_anything_is_loaded(tmp_path, capsys):
+    from streamer.cli import main
+    missing = tmp_path / "nope-ca.pem"
+    rc = main(["run", "-i", "lo", "--pin-dir", "/sys/fs/bpf/ctstream_never", "--kafka", "127.0.0.1:1",
+               "--topic", "t", "--kafka-security-protocol", "SSL", "--kafka-ssl-cafile", str(missing)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(missing) in err[0]
