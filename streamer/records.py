@@ -12,8 +12,12 @@ datapath never gives a connection, so their key is stable and their own.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
+from . import abi
 from .errors import ConfigError
-from .events import Event, LostReport
+from .events import Clock, Event, LostReport
 from .wire import SCHEMA_VERSION, WireError, encode
 
 # events.Event names the kernel's CREATE "NEW", as conntrack -E does.
@@ -31,6 +35,11 @@ END_REASONS = {"idle": 1, "fin": 3, "rst": 3, "reuse": 3, "early": 5}
 # A DESTROY whose reason the datapath did not record (none, or a code this
 # version does not know).
 FORCED_END = 4
+
+# The same for the kernel's codes (abi.EV_*, abi.END_*), for record_of_raw.
+RAW_EVENT_TYPES = {abi.EV_CREATE: "CREATE", abi.EV_UPDATE: "UPDATE", abi.EV_DESTROY: "DESTROY"}
+RAW_END_REASONS = {abi.END_IDLE: 1, abi.END_FIN: 3, abi.END_RST: 3, abi.END_REUSE: 3,
+                   abi.END_EARLY: 5}
 
 # Counters every LOST record carries (the schema requires them), 0 when the
 # report does not name them.
@@ -104,6 +113,64 @@ def record_of(ev: Event, node_id: str) -> dict:
         record["sourceIPv6Address"] = ev.src
         record["destinationIPv6Address"] = ev.dst
     return record
+
+
+def record_of_raw(r: abi.RawEvent, clock: Clock, node_id: str) -> dict:
+    """The record of a ring event without making an events.Event first: the
+    daemon's fast path (about 4 us less per event than Event.from_raw and
+    record_of). Equal to record_of(Event.from_raw(r, clock), node_id), except
+    that it also carries the per-direction TCP flags, which Event lacks."""
+    try:
+        event_type = RAW_EVENT_TYPES[r.type]
+    except KeyError:
+        raise WireError(f"event type {r.type} has no wire record") from None
+    tcp = r.proto == 6
+    wall = clock.wall_ns
+    record = {
+        "schemaVersion": SCHEMA_VERSION,
+        "eventType": event_type,
+        "nodeId": node_id,
+        "ctId": r.ct_id,
+        "seq": r.seq,
+        "observationTimeMilliseconds": wall(r.ts_ns) // 1_000_000,
+        "sourceTransportPort": r.sport,
+        "destinationTransportPort": r.dport,
+        "protocolIdentifier": r.proto,
+        "vlanId": r.vlan,
+        "tcpState": abi.STATE_NAMES.get(r.state) if tcp else None,
+        "assured": bool(r.flags & abi.F_ASSURED),
+        "initiatorPackets": r.pkts_orig,
+        "responderPackets": r.pkts_reply,
+        "initiatorOctets": r.bytes_orig,
+        "responderOctets": r.bytes_reply,
+        "flowStartMilliseconds": wall(r.first_ns) // 1_000_000,
+        "flowEndMilliseconds": wall(r.last_ns) // 1_000_000,
+        "flowEndReason": RAW_END_REASONS.get(r.end_reason, FORCED_END)
+        if event_type == "DESTROY" else None,
+        "missedEvents": r.missed,
+        "retries": r.retries,
+        "tcpControlBitsInitiator": r.tcp_flags_orig if tcp else 0,
+        "tcpControlBitsResponder": r.tcp_flags_reply if tcp else 0,
+    }
+    if r.family == 4:
+        record["sourceIPv4Address"] = socket.inet_ntop(socket.AF_INET, r.saddr)
+        record["destinationIPv4Address"] = socket.inet_ntop(socket.AF_INET, r.daddr)
+    else:
+        record["sourceIPv6Address"] = _ipv6_text(r.saddr)
+        record["destinationIPv6Address"] = _ipv6_text(r.daddr)
+    return record
+
+
+_ZERO10 = bytes(10)
+
+
+def _ipv6_text(packed: bytes) -> str:
+    # inet_ntop is ten times faster than ipaddress, and writes the same text
+    # except for ::a.b.c.d and ::ffff:a.b.c.d, which it writes as dotted
+    # quads: those go the slow way, so both paths agree (events.Event's too).
+    if packed[:10] == _ZERO10:
+        return str(ipaddress.IPv6Address(packed))
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 def lost_record(rep: LostReport, node_id: str, *, seq: int | None = None) -> dict:

@@ -4,6 +4,7 @@ events of a connection."""
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -233,3 +234,53 @@ def test_check_node_id():
     for bad in ("", "n" * 256, None, 5):
         with pytest.raises(ConfigError, match="node id"):
             records.check_node_id(bad)
+
+
+# ---- the fast path from the ring ------------------------------------------------
+
+def random_raw_events(count: int, seed: int = 11):
+    rng = random.Random(seed)
+    special_v6 = [bytes(10) + b"\xff\xff" + bytes([198, 18, 0, 9]),   # ::ffff:198.18.0.9
+                  bytes(12) + bytes([198, 18, 0, 9]),                 # ::198.18.0.9
+                  bytes(15) + b"\x01",                                # ::1
+                  bytes.fromhex("20010002000000010000000000000000")]  # trailing zeros
+    for _ in range(count):
+        family = rng.choice((4, 6))
+        if family == 4:
+            saddr, daddr = rng.randbytes(4) + bytes(12), rng.randbytes(4) + bytes(12)
+        else:
+            saddr = rng.choice(special_v6) if rng.random() < 0.2 else \
+                bytes(rng.choice((0, rng.randrange(256))) for _ in range(16))
+            daddr = rng.randbytes(16)
+        proto = rng.choice((6, 17, 1, 58, 47))
+        yield abi.decode_event(raw_event(
+            type=rng.choice(list(TYPES)), family=family, proto=proto,
+            state=rng.randrange(9), flags=rng.randrange(16), ct_id=rng.randrange(1, 2**64),
+            seq=rng.randrange(2**32), end_reason=rng.randrange(7), missed=rng.randrange(8),
+            tcp_flags_orig=rng.randrange(256), tcp_flags_reply=rng.randrange(256),
+            pkts_orig=rng.randrange(2**64), bytes_reply=rng.randrange(2**64),
+            saddr=saddr, daddr=daddr, sport=rng.randrange(2**16), dport=rng.randrange(2**16),
+            vlan=rng.randrange(4096), retries=rng.randrange(256)))
+
+
+def test_raw_path_equals_the_event_path():
+    clock = Clock()
+    flags = ("tcpControlBitsInitiator", "tcpControlBitsResponder")
+    for raw in random_raw_events(3_000):
+        fast = records.record_of_raw(raw, clock, NODE)
+        slow = records.record_of(Event.from_raw(raw, clock), NODE)
+        wire.validate(fast)
+        assert wire.decode(wire.encode(fast)) == fast
+        assert {k: v for k, v in fast.items() if k not in flags} == \
+            {k: v for k, v in slow.items() if k not in flags}
+        tcp = raw.proto == 6
+        assert fast["tcpControlBitsInitiator"] == (raw.tcp_flags_orig if tcp else 0)
+        assert fast["tcpControlBitsResponder"] == (raw.tcp_flags_reply if tcp else 0)
+        assert records.message_key(fast) == f"{NODE}/{raw.ct_id}".encode()
+
+
+def test_raw_path_carries_tcp_flags():
+    record = records.record_of_raw(abi.decode_event(raw_event()), Clock(), NODE)
+    assert record["tcpControlBitsInitiator"] == 0x1B and record["tcpControlBitsResponder"] == 0x13
+    udp = records.record_of_raw(abi.decode_event(raw_event(proto=17, state=0)), Clock(), NODE)
+    assert udp["tcpControlBitsInitiator"] == 0 and udp["tcpState"] is None
