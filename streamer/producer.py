@@ -6,16 +6,22 @@ delivery timeout. The caller (the daemon) spools what was not acknowledged.
 
 Why not AIOKafkaProducer.send() per record: one future, one partitioner call
 and one metadata check per record cost more than the whole rest of the path.
-Instead each call is cut into one record batch per partition (the Java
-client's murmur2 partitioner, so keys map as Java producers map them) and
-handed to aiokafka with send_batch(). aiokafka still does the sending:
-producer id and sequence numbers (idempotence), one request per broker at a
-time, one batch per partition in a request, retries in place.
+Instead records go into ctstream's own record batches, one open batch per
+partition (the Java client's murmur2 partitioner, so keys map as Java
+producers map them), filled by as many calls as arrive, and a pump task per
+partition hands them to aiokafka with send_batch(): at most two per
+partition at a time, one in flight and one ready. aiokafka sends one request
+per broker at a time with one batch per partition in it, so while a request
+is out the open batches grow; under load a request carries up to
+max_batch_bytes per partition, at low rates a call goes out at once.
+aiokafka still does the sending: producer id and sequence numbers
+(idempotence), retries in place.
 
-Ordering: aiokafka keeps a partition's batches in a queue and never has two
-of them in flight; a retried batch keeps its sequence number and its place.
-Calls enqueue their batches in call order (a FIFO lock), so the events of one
-key reach their partition in the order the calls were made.
+Ordering: a call adds all its records without awaiting, under a FIFO lock,
+so calls fill batches in call order; a partition's batches go to aiokafka
+oldest first, and aiokafka never has two of a partition's batches in flight
+(a retried batch keeps its sequence number and its place). The events of one
+key therefore reach their partition in the order of the calls.
 
 Bounded: at most `max_in_flight_records` records are between send() and
 their acknowledgement; a call waits for room, in call order.
@@ -260,13 +266,35 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 # ---- the producer -------------------------------------------------------------
 
+class _Batch:
+    """One record batch of one partition, filled by one or more send() calls
+    and acknowledged as a whole; `acked` is ctstream's own future for it."""
+
+    __slots__ = ("builder", "count", "acked")
+
+    def __init__(self, builder, loop: asyncio.AbstractEventLoop):
+        self.builder = builder
+        self.count = 0
+        self.acked = loop.create_future()
+
+
 class _Session:
-    """One connected aiokafka producer; replaced on every (re)connect."""
+    """One connected aiokafka producer and its per-partition queues;
+    replaced on every (re)connect. The partition count is read at connect."""
 
     def __init__(self, kafka: aiokafka.AIOKafkaProducer, partitions: list[int]):
         self.kafka = kafka
         self.partitions = partitions
         self.failure: StreamerError | None = None
+        # Per partition: batches not yet handed to aiokafka, oldest first; the
+        # last one may still take records. submitted: handed over, not acked.
+        self.queues = {p: collections.deque() for p in partitions}
+        self.submitted = dict.fromkeys(partitions, 0)
+        self.wake = {p: asyncio.Event() for p in partitions}
+        self.taken: dict[int, _Batch] = {}   # popped by a pump, not yet submitted
+        self.unacked: set[_Batch] = set()
+        self.pumps: list[asyncio.Task] = []
+        self.aborting = False
 
 
 class Producer:
@@ -278,9 +306,9 @@ class Producer:
       in_flight      records handed to Kafka, not yet acknowledged
       acked          records acknowledged since this object was made
       last_ack_time  time.time() of the last acknowledgement, or None
-      ack_latency    recent per-batch latencies in seconds (call to ack)
-    `on_ack(records, latency_s)` is called for every acknowledged batch, e.g.
-    to feed a histogram; it must not block.
+      ack_latency    recent send() latencies in seconds (call to last ack)
+    `on_ack(records, latency_s)` is called when a send() call's records are
+    all acknowledged, e.g. to feed a histogram; it must not block.
     """
 
     def __init__(self, settings: KafkaSettings,
@@ -312,8 +340,8 @@ class Producer:
                 raise StreamerError("the Kafka producer was stopped; make a new one")
             if self.connected:
                 return
-            if self._session is not None:        # failed: finish tearing it down
-                await self._abort(self._session, self._session.failure)
+            if self._session is not None and not self._session.aborting:
+                await self._abort(self._session)   # failed: finish tearing it down
             ctx = self.settings.ssl_context()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
@@ -334,7 +362,11 @@ class Producer:
                 except BaseException:
                     await _close_client(kafka)
                     raise
-            self._session = _Session(kafka, partitions)
+            session = self._session = _Session(kafka, partitions)
+            for p in partitions:
+                task = asyncio.create_task(self._pump(session, p), name=f"ctstream-kafka-p{p}")
+                task.add_done_callback(lambda t: self._pump_ended(session, t))
+                session.pumps.append(task)
             log.info("connected to Kafka at %s, topic %s (%d partitions)",
                      self.settings.bootstrap, self.settings.topic, len(partitions))
 
@@ -410,18 +442,20 @@ class Producer:
         session = self._session
         if session is None or session.failure is not None or self._stopped:
             raise KafkaUnavailable(self._not_connected_reason(session))
-        batches = self._build_batches(session, records)
+        self._check_sizes(records)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         n = len(records)
         try:
             async with asyncio.timeout_at(t0 + self.settings.delivery_timeout_ms / 1000):
-                acks = await self._enqueue(session, batches, n, t0)
+                async with self._order:
+                    await self._wait_room(session, n)
+                    batches = self._append(session, records)
                 # asyncio.wait, not gather: a timeout must not cancel them.
-                await asyncio.wait(acks)
-            for fut in acks:
-                if fut.exception() is not None:
-                    raise fut.exception()
+                await asyncio.wait([b.acked for b in batches])
+            for b in batches:
+                if b.acked.exception() is not None:
+                    raise copy.copy(b.acked.exception())  # shared by the calls of the batch
         except TimeoutError as exc:
             raise await self._fail(session, KafkaUnavailable(
                 f"Kafka at {self.settings.bootstrap} did not acknowledge {n} records within "
@@ -438,53 +472,106 @@ class Producer:
         except (KafkaError, OSError) as exc:
             raise await self._fail(session, KafkaUnavailable(
                 f"Kafka at {self.settings.bootstrap} failed {n} records: {exc!r}")) from exc
+        latency = loop.time() - t0
+        self.ack_latency.append(latency)
+        if self._on_ack is not None:
+            self._on_ack(n, latency)
 
-    async def _enqueue(self, session: _Session, batches: list, n: int, t0: float) -> list:
-        """Hand the batches to aiokafka in call order, once there is room;
-        the futures of their acknowledgements."""
-        acks = []
-        async with self._order:
-            await self._wait_room(session, n)
-            self.in_flight += n
-            unsent = n
-            try:
-                for partition, batch in batches:
-                    fut = await session.kafka.send_batch(batch, self.settings.topic,
-                                                         partition=partition)
-                    count = batch.record_count()
-                    unsent -= count
-                    fut.add_done_callback(lambda f, c=count: self._batch_done(f, c, t0))
-                    acks.append(fut)
-            finally:
-                self._release(unsent)
-        return acks
+    def _check_sizes(self, records) -> None:
+        # A record must fit an empty batch (aiokafka would send it anyway and
+        # the broker reject it for good). Checked before any is queued.
+        room = self.settings.max_batch_bytes - 256
+        for key, value in records:
+            if len(key) + len(value) > room:
+                raise wire.WireError(f"a record of {len(key) + len(value)} bytes does not fit in "
+                                     f"a batch of max_batch_bytes {self.settings.max_batch_bytes}")
 
-    def _build_batches(self, session: _Session, records) -> list:
-        """One closed record batch per partition (more if one fills up), each
-        holding its records in call order."""
+    def _append(self, session: _Session, records) -> set[_Batch]:
+        """Add the records to their partitions' open batches, in call order;
+        the batches that hold them. No await: calls cannot interleave."""
         kafka = session.kafka
         parts = session.partitions
         count = len(parts)
+        queues = session.queues
         header = self._header
+        loop = asyncio.get_running_loop()
         ts = time.time_ns() // 1_000_000
-        open_batches: dict[int, object] = {}
-        out = []
+        used: dict[int, _Batch] = {}
+        touched = set()
+        self.in_flight += len(records)
         for key, value in records:
             p = parts[(murmur2(key) & 0x7FFFFFFF) % count]
-            batch = open_batches.get(p)
+            batch = used.get(p)
             if batch is None:
-                batch = open_batches[p] = kafka.create_batch()
-            if batch.append(timestamp=ts, key=key, value=value, headers=header) is None:
-                out.append((p, batch))
-                batch = open_batches[p] = kafka.create_batch()
-                if batch.append(timestamp=ts, key=key, value=value, headers=header) is None:
-                    raise wire.WireError(f"a record of {len(key) + len(value)} bytes does not fit "
-                                         f"in a batch of max_batch_bytes {self.settings.max_batch_bytes}")
-        out.extend(open_batches.items())
-        out.sort(key=lambda pb: pb[0])   # stable: a partition's batches keep their order
-        for _, batch in out:
-            batch.close()    # closed: aiokafka sends it at once instead of lingering
-        return out
+                queue = queues[p]
+                if queue:
+                    batch = queue[-1]
+                else:
+                    batch = _Batch(kafka.create_batch(), loop)
+                    queue.append(batch)
+                    session.unacked.add(batch)
+                used[p] = batch
+                touched.add(batch)
+            if batch.builder.append(timestamp=ts, key=key, value=value, headers=header) is None:
+                batch.builder.close()        # full: the next batch of p takes the rest
+                batch = _Batch(kafka.create_batch(), loop)
+                queues[p].append(batch)
+                session.unacked.add(batch)
+                used[p] = batch
+                touched.add(batch)
+                batch.builder.append(timestamp=ts, key=key, value=value, headers=header)
+            batch.count += 1
+        for p in used:
+            session.wake[p].set()
+        return touched
+
+    async def _pump(self, session: _Session, p: int) -> None:
+        """Hand partition p's batches to aiokafka, oldest first, keeping at
+        most two there: one in flight, one ready to go when it returns.
+        Meanwhile the open batch grows, so under load a request carries
+        up to max_batch_bytes per partition instead of one call's share."""
+        queue, wake = session.queues[p], session.wake[p]
+        topic = self.settings.topic
+        while True:
+            while not queue or session.submitted[p] >= 2:
+                wake.clear()
+                await wake.wait()
+            batch = queue.popleft()
+            batch.builder.close()   # closed: aiokafka sends it at once instead of lingering
+            session.taken[p] = batch
+            try:
+                fut = await session.kafka.send_batch(batch.builder, topic, partition=p)
+            except Exception as exc:
+                # The waiting calls see it and disconnect the session.
+                del session.taken[p]
+                self._settle(session, batch, exc)
+                return
+            del session.taken[p]
+            session.submitted[p] += 1
+            fut.add_done_callback(lambda f, b=batch: self._submitted_done(session, p, b, f))
+
+    def _submitted_done(self, session: _Session, p: int, batch: _Batch, fut: asyncio.Future) -> None:
+        session.submitted[p] -= 1
+        session.wake[p].set()
+        if fut.cancelled():
+            self._settle(session, batch, KafkaUnavailable("the Kafka batch was cancelled"))
+        else:
+            self._settle(session, batch, fut.exception())
+
+    def _settle(self, session: _Session, batch: _Batch, error: BaseException | None) -> None:
+        """A batch is acknowledged (error None) or failed: free its room,
+        count it, tell the calls that wait for it."""
+        if batch.acked.done():
+            return
+        session.unacked.discard(batch)
+        self._release(batch.count)
+        if error is None:
+            self.acked += batch.count
+            self.last_ack_time = time.time()
+            batch.acked.set_result(None)
+        else:
+            batch.acked.set_exception(error)
+            batch.acked.exception()   # retrieved: only the waiting calls report it
 
     async def _wait_room(self, session: _Session, n: int) -> None:
         limit = self.settings.max_in_flight_records
@@ -501,17 +588,6 @@ class Producer:
             self.in_flight -= n
             self._room.set()
 
-    def _batch_done(self, fut: asyncio.Future, count: int, t0: float) -> None:
-        self._release(count)
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        self.acked += count
-        self.last_ack_time = time.time()
-        latency = asyncio.get_running_loop().time() - t0
-        self.ack_latency.append(latency)
-        if self._on_ack is not None:
-            self._on_ack(count, latency)
-
     def _not_connected_reason(self, session: _Session | None) -> str:
         if self._stopped:
             return "the Kafka producer is stopped"
@@ -525,20 +601,49 @@ class Producer:
         if session.failure is None:
             log.warning("Kafka producer disconnects: %s", error)
             session.failure = error
-            self._room.set()          # callers waiting for room see the failure
-            await self._abort(session, error)
+        if not session.aborting:
+            await self._abort(session)
         return error if session.failure is error else copy.copy(session.failure)
 
-    async def _abort(self, session: _Session, error: BaseException) -> None:
-        """Fail every batch aiokafka still holds and close its client, in
-        bounded time. Idempotence makes aiokafka retry a batch forever, so
-        only failing them ends their wait (AIOKafkaProducer has no public
-        way to: this uses its accumulator's fail_all)."""
+    async def _abort(self, session: _Session) -> None:
+        """Fail every batch, queued here or held by aiokafka, and close its
+        client, in bounded time. Idempotence makes aiokafka retry a batch
+        forever, so only failing them ends their wait (AIOKafkaProducer has
+        no public way to: this uses its accumulator's fail_all)."""
+        session.aborting = True
         if self._session is session:
             self._session = None
-        kafka = session.kafka
-        kafka._message_accumulator.fail_all(KafkaUnavailable(str(error)))
-        await _close_client(kafka)
+        self._room.set()          # calls waiting for room see the failure
+        for task in session.pumps:
+            task.cancel()
+        await asyncio.gather(*session.pumps, return_exceptions=True)
+        failure = KafkaUnavailable(str(session.failure))
+        self._fail_queued(session, failure)
+        session.kafka._message_accumulator.fail_all(failure)
+        await _close_client(session.kafka)
+        # aiokafka failed what it held (through the callbacks); anything left
+        # would wait forever.
+        for batch in list(session.unacked):
+            self._settle(session, batch, copy.copy(failure))
+
+    def _fail_queued(self, session: _Session, failure: StreamerError) -> None:
+        """Fail the batches not (yet) handed to aiokafka."""
+        for queue in session.queues.values():
+            while queue:
+                self._settle(session, queue.popleft(), copy.copy(failure))
+        for batch in session.taken.values():
+            self._settle(session, batch, copy.copy(failure))
+
+    def _pump_ended(self, session: _Session, task: asyncio.Task) -> None:
+        # A pump only ends by cancellation or after failing its batch; an
+        # exception here is a bug, which must fail the calls, not hang them.
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("Kafka producer pump failed", exc_info=task.exception())
+        if session.failure is None:
+            session.failure = KafkaUnavailable(f"the Kafka producer failed: {task.exception()!r}")
+        self._fail_queued(session, session.failure)
+        self._room.set()
 
     # ---- stop -----------------------------------------------------------------
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -553,16 +658,16 @@ class Producer:
             return
         if timeout_s is None:
             timeout_s = self.settings.delivery_timeout_ms / 1000
-        try:
-            async with asyncio.timeout(timeout_s):
-                await session.kafka.flush()
-        except TimeoutError:
-            log.warning("Kafka did not acknowledge %d records within %gs of stop; dropping them "
-                        "(the caller has not been told they were delivered)", self.in_flight, timeout_s)
+        pending = [b.acked for b in session.unacked]
+        if pending:
+            done, not_done = await asyncio.wait(pending, timeout=timeout_s)
+            if not_done:
+                log.warning("Kafka did not acknowledge %d records within %gs of stop; the calls "
+                            "that sent them fail", self.in_flight, timeout_s)
         if session.failure is None:
             session.failure = KafkaUnavailable("the Kafka producer is stopped")
-        self._room.set()
-        await self._abort(session, session.failure)
+        if not session.aborting:
+            await self._abort(session)
 
 
 async def _close_client(kafka: aiokafka.AIOKafkaProducer) -> None:
