@@ -248,12 +248,12 @@ def murmur2(data: bytes) -> int:
     if words is None:
         words = _WORDS[n >> 2] = struct.Struct(f"<{n >> 2}I")
     for k in words.unpack_from(data):
-        k = (k * _M) & 0xFFFFFFFF
-        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
-        h = ((h * _M) & 0xFFFFFFFF) ^ k
+        k = k * _M & 0xFFFFFFFF
+        # The low 32 bits of a XOR are the XOR of the low 32 bits: one mask.
+        h = (h * _M ^ (k ^ k >> 24) * _M) & 0xFFFFFFFF
     tail = n & 3
     if tail:
-        h = ((h ^ int.from_bytes(data[n - tail:], "little")) * _M) & 0xFFFFFFFF
+        h = (h ^ int.from_bytes(data[n - tail:], "little")) * _M & 0xFFFFFFFF
     h ^= h >> 13
     h = (h * _M) & 0xFFFFFFFF
     return h ^ (h >> 15)
