@@ -270,12 +270,15 @@ class _Batch:
     """One record batch of one partition, filled by one or more send() calls
     and acknowledged as a whole; `acked` is ctstream's own future for it."""
 
-    __slots__ = ("builder", "count", "acked")
+    __slots__ = ("builder", "acked")
 
     def __init__(self, builder, loop: asyncio.AbstractEventLoop):
         self.builder = builder
-        self.count = 0
         self.acked = loop.create_future()
+
+    @property
+    def count(self) -> int:
+        return self.builder.record_count()
 
 
 class _Session:
@@ -520,7 +523,6 @@ class Producer:
                 used[p] = batch
                 touched.add(batch)
                 batch.builder.append(timestamp=ts, key=key, value=value, headers=header)
-            batch.count += 1
         for p in used:
             session.wake[p].set()
         return touched
