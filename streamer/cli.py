@@ -302,6 +302,7 @@ async def _serve(a: argparse.Namespace, sink, where: str, stop: asyncio.Event | 
         raise ConfigError(f"--lost-interval must be 0 (off) or positive, got {a.lost_interval}")
     stop = stop or asyncio.Event()
     install_signal_handlers(stop)
+    asyncio.get_running_loop().set_exception_handler(_quiet_kafka_internals)
     async with Session(cfg, Target(a.ifaces, a.netns, a.egress), sink=sink, keep=a.keep,
                        lost_interval=a.lost_interval) as s:
         adopted = " (adopted the pinned table)" if s.dp.adopted else ""
@@ -316,6 +317,23 @@ async def _serve(a: argparse.Namespace, sink, where: str, stop: asyncio.Event | 
     if s.failure:
         raise StreamerError(str(s.failure))
     return 0
+
+
+def _quiet_kafka_internals(loop, context) -> None:
+    """aiokafka 0.14's sender and accumulator raise in their own callbacks when
+    the producer is torn down after a failed delivery (the records are spooled
+    already); say that in one line instead of a traceback."""
+    exc = context.get("exception")
+    from .producer import KafkaUnavailable
+    tb = getattr(exc, "__traceback__", None)
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if isinstance(exc, KafkaUnavailable) or any("/aiokafka/" in f for f in frames):
+        log.debug("Kafka client teardown: %s: %s", type(exc).__name__, exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def _status(a: argparse.Namespace) -> int:
