@@ -38,7 +38,7 @@ from . import abi
 from .config import DatapathConfig
 from .errors import StreamerError
 from .events import Clock, Event, LostReport
-from .loader import STATE_DIR, Datapath, acquire_lock, check_environment, remove_pins
+from .loader import STATE_DIR, Datapath, acquire_lock, check_environment, ifindex, remove_pins
 from .outbox import Outbox
 from .ringbuf import RingReader, RingSpace
 from .sink import CallbackSink, Sink
@@ -110,6 +110,9 @@ class Session:
     async def _start(self) -> None:
         clock = Clock()
         check_environment()  # before the lock, which needs root to make /run/ctstream
+        # A misspelt interface fails here, before anything is loaded, pinned,
+        # connected or created on disk.
+        await asyncio.to_thread(self._check_target)
         self._stack.enter_context(acquire_lock(self.cfg.pin_dir))
         self.dp = Datapath(self.cfg)
         self._stack.callback(self._unpin)
@@ -169,6 +172,10 @@ class Session:
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
+
+    def _check_target(self) -> None:
+        for ifname in self.target.ifaces:
+            ifindex(ifname, self.target.netns)
 
     def _attach(self) -> None:
         previous = self.dp.previous_attachments() if self.dp.adopted else []

@@ -240,6 +240,19 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(pair, pin, argv, menti
     assert_nothing_left(pair.server, pin)
 
 
+def test_run_on_an_unknown_interface_touches_neither_kafka_nor_the_spool(pair, pin, tmp_path):
+    """The interface is checked first: no word about Kafka (port 1 on
+    loopback answers nobody), no spool directory made."""
+    spool = tmp_path / "spool"
+    res = ctstream("run", "-n", pair.server.netns, "-i", "nosuchif0", "--pin-dir", pin,
+                   "--kafka", "127.0.0.1:1", "--topic", "t", "--spool", str(spool))
+    assert res.returncode == 1, res.stderr
+    assert "nosuchif0" in one_error_line(res.stderr)
+    assert "Kafka" not in res.stderr
+    assert not spool.exists()
+    assert_nothing_left(pair.server, pin)
+
+
 def test_timeout_that_is_not_a_number_is_an_argparse_error(pair, pin):
     res = ctstream(*_events(pair.server.netns, pin, "--timeout-syn", "abc"))
     assert res.returncode == 2
