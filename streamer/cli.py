@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="namespaces, real traffic, events and a per-flow summary")
     dm.add_argument("-o", "--output", choices=("text", "json"), default="text")
     dm.add_argument("--pin-dir", default=f"{DEFAULT_PIN_DIR}_demo")
+
+    # Commands that live in their own modules register themselves: each sets
+    # `func`, called with the parsed arguments, returning the exit code.
+    from . import replay
+    from .accounting import command as accounting
+    accounting.add_parsers(sub)
+    replay.add_parser(sub)
     return p
 
 
@@ -233,6 +240,8 @@ def _with_config_file(argv: list[str]) -> list[str]:
 
 
 def _dispatch(a: argparse.Namespace) -> int:
+    if getattr(a, "func", None) is not None:
+        return a.func(a)
     if a.cmd == "run":
         return asyncio.run(_run(a))
     if a.cmd == "events":
