@@ -34,7 +34,7 @@ LOG=$LOG_DIR/setup.log
 PACKAGES=(
     python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv
     iproute2 conntrack iperf3 hping3 ethtool nftables tcpdump netcat-openbsd
-    default-jdk-headless maven
+    default-jdk-headless maven postgresql mosquitto mosquitto-clients
 )
 
 unset PYTHONHOME PYTHONPATH
@@ -143,12 +143,12 @@ fi
 # --- final check --------------------------------------------------------------
 check_imports() {
     echo "+ import check" >>"$LOG"
-    "$VENV/bin/python" -c 'import bcc, pyroute2, msgpack, aiokafka, jsonschema' >>"$LOG" 2>&1
+    "$VENV/bin/python" -c 'import bcc, pyroute2, msgpack, aiokafka, jsonschema, aiomqtt, psycopg, prometheus_client, cramjam' >>"$LOG" 2>&1
 }
 if ! check_imports; then
     # Something was uninstalled behind our back: reinstall once, then give up.
     pip_install
-    check_imports || fail ".venv/bin/python cannot import bcc, pyroute2, msgpack, aiokafka, jsonschema (try: make clean)"
+    check_imports || fail ".venv/bin/python cannot import bcc, pyroute2, msgpack, aiokafka, jsonschema, aiomqtt, psycopg, prometheus_client, cramjam (try: make clean)"
 fi
 
 trap - ERR
