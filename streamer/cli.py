@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default /var/lib/ctstream/spool/<pin dir name>)")
     k.add_argument("--spool-max", type=_size, default=1 << 30, metavar="SIZE",
                    help="spool bound; when full, DESTROYs stay in the kernel's outbox (1g)")
+    k.add_argument("--archive-max", type=_size, default=256 << 20, metavar="SIZE",
+                   help="keep up to SIZE of published records for `ctstream replay`, "
+                        "0 = no archive (256m)")
+    k.add_argument("--archive-age", type=_seconds, default=86400.0, metavar="S",
+                   help="and for at most S seconds, 0 = no age limit (%(default)g)")
     k.add_argument("--kafka-timeout", type=_seconds, default=5.0, metavar="S",
                    help="a batch not acknowledged within S seconds goes to the spool (%(default)g)")
     k.add_argument("--kafka-compression", default="none",

@@ -53,13 +53,20 @@ class KafkaSink(Sink):
     name = "kafka"
 
     def __init__(self, settings: KafkaSettings, spool_dir: str, spool_max: int = 1 << 30,
-                 node_id: str | None = None):
+                 node_id: str | None = None, archive_max: int = 0, archive_s: float = 0.0):
         self.settings = settings.validate()
         self.node_id = check_node_id(node_id or socket.gethostname())
         self.batch_s = settings.linger_ms / 1000
         self.spool_dir = spool_dir
         self.spool_max = spool_max
-        self.producer = Producer(settings)
+        self.archive_max = archive_max       # what was published, kept for replay
+        self.archive_s = archive_s           # (0 and 0: no archive)
+        # Observers: on_ack(records, latency_s) for every send() Kafka
+        # acknowledged (metrics); on_published(batch) with the (key, value,
+        # time_ms) of records now in Kafka, live or from the spool (archive).
+        self.on_ack = None
+        self.on_published = None
+        self.producer = Producer(settings, on_ack=self._acked)
         self.spool: Spool | None = None
         self._pending: list[tuple[bytes, bytes, int, tuple | None]] = []
         self._lock = asyncio.Lock()
@@ -70,6 +77,10 @@ class KafkaSink(Sink):
         self.sent_live = 0
         self.sent_from_spool = 0
         self.spooled = 0
+
+    def _acked(self, records: int, latency_s: float) -> None:
+        if self.on_ack is not None:
+            self.on_ack(records, latency_s)
 
     # ---- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +136,8 @@ class KafkaSink(Sink):
                 try:
                     await self.producer.send([(k, v) for k, v, _, _ in batch])
                     self.sent_live += len(batch)
+                    if self.on_published is not None:
+                        self.on_published([(k, v, t) for k, v, t, _ in batch])
                     return set()
                 except KafkaUnavailable as exc:
                     self._lost_kafka(str(exc))
@@ -189,6 +202,8 @@ class KafkaSink(Sink):
                 return False
             await asyncio.to_thread(self.spool.mark_delivered, recs[-1].offset)
             self.sent_from_spool += len(recs)
+            if self.on_published is not None:
+                self.on_published([(r.key, r.value, r.time_ms) for r in recs])
             if self.spool.depth_records == 0:
                 log.info("spool drained: live again")
             return True
