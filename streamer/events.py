@@ -77,6 +77,8 @@ class Event:
     end_reason: str | None
     missed: int          # bit mask of event types of this flow lost before (abi.MISSED_*)
     retries: int = 0     # DESTROY: how often it was emitted before
+    tcp_flags_orig: int = 0   # TCP: OR of the flags seen from the initiator
+    tcp_flags_reply: int = 0  # and from the responder
     # DESTROY: (family, outbox key, ct_id), what an ack names; not shown.
     ack_ref: tuple[int, bytes, int] | None = None
 
@@ -100,6 +102,8 @@ class Event:
             end_reason=abi.END_NAMES.get(r.end_reason) if r.type == abi.EV_DESTROY else None,
             missed=r.missed,
             retries=r.retries,
+            tcp_flags_orig=r.tcp_flags_orig if r.proto == 6 else 0,
+            tcp_flags_reply=r.tcp_flags_reply if r.proto == 6 else 0,
             ack_ref=(r.family, r.outbox_key(), r.ct_id) if r.type == abi.EV_DESTROY else None,
         )
 
