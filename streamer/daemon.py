@@ -8,7 +8,8 @@ commit and ack, close, unpin. With `keep`, stop leaves the programs attached
 and the maps pinned, so the kernel keeps tracking (and keeps the outbox) for
 the next start to adopt; a SIGKILLed daemon leaves the same state behind.
 
-Events flow: ring -> Event -> sink.write. The committer makes what was
+Events flow: ring -> sink.write_raw (the Kafka sink makes its record from
+the raw event; other sinks get an events.Event). The committer makes what was
 written durable (sink.commit_async: a file's fsync, Kafka's acknowledgement
 or the spool's fsync) and only then acks the DESTROYs among it, which
 removes them from the kernel's outbox; a DESTROY the sink could not make
@@ -132,11 +133,10 @@ class Session:
         self._stack.push_async_callback(self.sink.aclose)
 
         def deliver(raw: abi.RawEvent) -> None:
-            ev = Event.from_raw(raw, clock)
-            self.sink.write(ev)
+            ack_ref = self.sink.write_raw(raw, clock)
             self.delivered += 1
-            if ev.ack_ref is not None:
-                self._acks.append(ev.ack_ref)
+            if ack_ref is not None:
+                self._acks.append(ack_ref)
             self._written.set()
             if not self.reader_paused and self.sink.backlog() > MAX_BACKLOG:
                 self.reader_paused = True

@@ -36,7 +36,8 @@ import time
 from .errors import ConfigError
 from .events import LostReport
 from .producer import KafkaSettings, KafkaUnavailable, Producer
-from .records import check_node_id, encode_event, lost_record, message_key
+from . import abi
+from .records import check_node_id, encode_event, lost_record, message_key, record_of_raw
 from .sink import Sink
 from .spool import Spool, SpoolFull
 from .wire import encode
@@ -56,6 +57,7 @@ class KafkaSink(Sink):
                  node_id: str | None = None, archive_max: int = 0, archive_s: float = 0.0):
         self.settings = settings.validate()
         self.node_id = check_node_id(node_id or socket.gethostname())
+        self._node_bytes = self.node_id.encode()
         self.batch_s = settings.linger_ms / 1000
         self.spool_dir = spool_dir
         self.spool_max = spool_max
@@ -123,6 +125,15 @@ class KafkaSink(Sink):
             return
         key, value = encode_event(ev, self.node_id)
         self._pending.append((key, value, ev.time_ms, ev.ack_ref))
+
+    def write_raw(self, raw, clock):
+        # The daemon's path: the record straight from the ring event (about
+        # 2 us instead of 6-10 through events.Event).
+        rec = record_of_raw(raw, clock, self.node_id)
+        ref = (raw.family, raw.outbox_key(), raw.ct_id) if raw.type == abi.EV_DESTROY else None
+        self._pending.append((b"%s/%d" % (self._node_bytes, raw.ct_id), encode(rec),
+                              rec["observationTimeMilliseconds"], ref))
+        return ref
 
     def backlog(self) -> int:
         return len(self._pending)
