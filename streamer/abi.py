@@ -7,6 +7,7 @@ program checks every field, so the two cannot drift apart unnoticed.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -66,11 +67,11 @@ class Layout:
     c_name: str
     fields: tuple[tuple[str, str], ...]
 
-    @property
+    @functools.cached_property
     def fmt(self) -> str:
         return "<" + "".join(f for _, f in self.fields)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return struct.calcsize(self.fmt)
 
@@ -121,6 +122,8 @@ ACK6 = Layout("ct_ack6", (("key", f"{KEY6.size}s"), ("ct_id", "Q")))
 LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ, ACK_HDR, ACK4, ACK6)
 
 _EVENT = struct.Struct(EVENT.fmt)
+_KEY4 = struct.Struct(KEY4.fmt)
+_KEY6 = struct.Struct(KEY6.fmt)
 EVENT_SIZE = _EVENT.size
 
 
@@ -161,9 +164,9 @@ class RawEvent:
 
     def outbox_key(self) -> bytes:
         """The key of this DESTROY's outbox copy (what an ack names)."""
-        layout = KEY4 if self.family == 4 else KEY6
-        return struct.pack(layout.fmt, self.saddr, self.daddr, _ntohs(self.sport),
-                           _ntohs(self.dport), self.proto, self.dying, self.vlan)
+        return (_KEY4 if self.family == 4 else _KEY6).pack(
+            self.saddr, self.daddr, _ntohs(self.sport), _ntohs(self.dport), self.proto,
+            self.dying, self.vlan)
 
 
 def decode_event(buf) -> RawEvent:

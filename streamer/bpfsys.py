@@ -184,6 +184,7 @@ class RingBuffer:
     def __init__(self, map_fd: int, on_record: Callable[[memoryview], None]):
         self._on_record = on_record
         self._error: BaseException | None = None
+        self._left = -1
         self._cb = RING_CB(self._trampoline)  # keep a reference: C holds it
         ptr = lib().ring_buffer__new(map_fd, self._cb, None, None)
         if not ptr:
@@ -197,17 +198,25 @@ class RingBuffer:
         except BaseException as exc:  # never unwind through C
             self._error = exc
             return -1
-        return 0
+        self._left -= 1
+        # A negative return makes libbpf store the consumer position past
+        # this record (it was handled) and return: how a limit is kept.
+        return -errno.EAGAIN if self._left == 0 else 0
 
     @property
     def epoll_fd(self) -> int:
         return lib().ring_buffer__epoll_fd(self._rb)
 
-    def consume(self) -> int:
+    def consume(self, limit: int = 0) -> int:
+        """Hand on the waiting records, at most `limit` of them (0: all);
+        returns how many were handed on."""
+        self._left = limit if limit > 0 else -1
         n = lib().ring_buffer__consume(self._rb)
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+        if n == -errno.EAGAIN and self._left == 0:
+            return limit
         if n < 0 and -n != errno.EINTR:
             raise StreamerError(f"reading the event ring failed: {os.strerror(-n)}")
         return max(n, 0)

@@ -1,28 +1,120 @@
 """The asyncio ring-buffer reader: no thread, no busy polling.
 
-libbpf's ring buffer manager exposes an epoll fd that becomes readable when
-the kernel has submitted records; the event loop watches it and drains the
-ring in one call, which decodes each record and hands it on.
+The ring map's own fd is pollable: readable while records wait. The event
+loop watches it and reads up to READ_CHUNK records per wake-up, decoding
+each and handing it on. Readiness is level-triggered, so what is left is
+read at the loop's next turn: a full ring (a burst of expiries) does not
+hold the loop for seconds, and commits to Kafka go on while the ring is read.
+
+The records are read through the ring's mmap'ed pages (MmapRing), as libbpf's
+consumer reads them, but without a ctypes callback per record: about 2 us
+less per event, which is a fifth of the daemon's cost per record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
+import re
+import struct
 from typing import Callable
 
-from . import abi, bpfsys
-from .errors import AbiError
+from . import abi
+from .errors import AbiError, StreamerError
 
 log = logging.getLogger(__name__)
+
+READ_CHUNK = 2_000   # records per wake-up of the event loop
+
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+BUSY_BIT = 1 << 31      # the producer has reserved the record, not yet submitted
+DISCARD_BIT = 1 << 30   # submitted as discarded: skip it
+HEADER_BYTES = 8        # u32 length (with the two bits), u32 page offset
+
+
+def ring_size(map_fd: int) -> int:
+    """A ring buffer map's data size (its max_entries), from fdinfo."""
+    text = open(f"/proc/self/fdinfo/{map_fd}").read()
+    m = re.search(r"^max_entries:\s*(\d+)", text, re.M)
+    if not m:
+        raise StreamerError(f"fd {map_fd} is not a BPF map")
+    return int(m.group(1))
+
+
+class MmapRing:
+    """A BPF ring buffer map read in place. The kernel lays it out as: the
+    consumer position (a page the reader may write), the producer position
+    (read-only), then the data pages, mapped twice in a row so that a record
+    that wraps around is contiguous. A record is an 8-byte header and the
+    event; the reader stops at a record whose BUSY bit is set (reserved, not
+    yet submitted) and publishes its position after each call."""
+
+    def __init__(self, map_fd: int, size: int | None = None):
+        page = mmap.PAGESIZE
+        self.size = size or ring_size(map_fd)
+        if self.size & (self.size - 1):
+            raise StreamerError(f"ring size {self.size} is not a power of two")
+        self._mask = self.size - 1
+        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._data = mmap.mmap(map_fd, page + 2 * self.size, mmap.MAP_SHARED,
+                               mmap.PROT_READ, offset=page)
+        self._view = memoryview(self._data)
+        self._base = page   # the data starts one page into the second mapping
+
+    def consume(self, handle: Callable[[memoryview], None], limit: int = 0) -> int:
+        """Hand each submitted record to `handle` (a view valid during the
+        call), at most `limit` (0: all); returns how many. A record whose
+        handler raised counts as read (the position moves past it), as with
+        libbpf."""
+        data, view, base, mask = self._data, self._view, self._base, self._mask
+        cons = _U64.unpack_from(self._cons, 0)[0]
+        n = 0
+        try:
+            while True:
+                prod = _U64.unpack_from(data, 0)[0]
+                if cons >= prod:
+                    return n
+                while cons < prod:
+                    off = base + (cons & mask)
+                    hdr = _U32.unpack_from(data, off)[0]
+                    if hdr & BUSY_BIT:
+                        return n
+                    length = hdr & ~(BUSY_BIT | DISCARD_BIT)
+                    start = off + HEADER_BYTES
+                    cons += (length + HEADER_BYTES + 7) & ~7
+                    if not hdr & DISCARD_BIT:
+                        n += 1
+                        handle(view[start:start + length])
+                        if n == limit:
+                            return n
+        finally:
+            _U64.pack_into(self._cons, 0, cons)
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+            self._data.close()
+        except BufferError:   # a handler kept a record's view: the GC unmaps
+            pass
+        self._cons.close()
 
 
 class RingReader:
     def __init__(self, map_fd: int, on_event: Callable[[abi.RawEvent], None],
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 on_batch: Callable[[int], None] | None = None):
+        """on_event(raw) for each record; on_batch(count) after each read of
+        the ring that handed on records (the per-batch work stays off the
+        per-record path)."""
         self._on_event = on_event
         self._on_failure = on_failure
-        self._ring = bpfsys.RingBuffer(map_fd, self._record)
+        self._on_batch = on_batch
+        self._fd = map_fd
+        self._ring = MmapRing(map_fd)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.records = 0
         self.rejected = 0
@@ -40,11 +132,13 @@ class RingReader:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._loop.add_reader(self._ring.epoll_fd, self._readable)
+        self._loop.add_reader(self._fd, self._readable)
 
     def _readable(self) -> None:
         try:
-            self.drain()
+            n = self._ring.consume(self._record, READ_CHUNK)
+            if n and self._on_batch is not None:
+                self._on_batch(n)
         except Exception as exc:  # a reader that dies must not die silently
             self.failure = exc
             self.stop()
@@ -54,11 +148,18 @@ class RingReader:
 
     def drain(self) -> int:
         """Consume everything in the ring now; returns the number of records."""
-        return self._ring.consume()
+        total = 0
+        while True:
+            n = self._ring.consume(self._record, READ_CHUNK)
+            if n and self._on_batch is not None:
+                self._on_batch(n)
+            total += n
+            if n < READ_CHUNK:
+                return total
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self._ring.epoll_fd)
+            self._loop.remove_reader(self._fd)
             self._loop = None
 
     def close(self) -> None:

@@ -157,9 +157,17 @@ def roundtrip():
     try:
         fn = b.load_func(b"rt_fill_event", BPF.XDP)
 
-        def run(family: int) -> bytes:
-            retval, _, _ = bpfsys.test_run(fn.fd, bytes([family]) + bytes(63))
-            assert retval == XDP_PASS
+        def run(family: int, events: int = 1, limit: int = 0) -> bytes | list[int]:
+            for _ in range(events):
+                retval, _, _ = bpfsys.test_run(fn.fd, bytes([family]) + bytes(63))
+                assert retval == XDP_PASS
+            if events > 1:   # the counts of consume() calls with `limit` until empty
+                counts = []
+                while counts[-1:] != [0]:
+                    counts.append(ring.consume(limit))
+                assert len(records) == events
+                records.clear()
+                return counts
             ring.consume()
             assert len(records) == 1
             return records.pop()
@@ -168,6 +176,12 @@ def roundtrip():
     finally:
         ring.close()
         b.cleanup()
+
+
+def test_consume_with_a_limit_hands_on_at_most_that_many_and_loses_none(roundtrip):
+    assert roundtrip(4, events=5, limit=2) == [2, 2, 1, 0]
+    assert roundtrip(4, events=4, limit=2) == [2, 2, 0]
+    assert roundtrip(4, events=3, limit=0) == [3, 0]
 
 
 @pytest.mark.parametrize("family", [4, 6])
