@@ -16,7 +16,10 @@ removes them from the kernel's outbox; a DESTROY the sink could not make
 durable is not acked, so the kernel emits it again later. While the sink's
 backlog is above MAX_BACKLOG the ring reader pauses: the ring fills, and the
 kernel keeps what it cannot emit (missed-event bits, the outbox).
-A status file (status_path) is rewritten every second for `ctstream status`.
+A status file (status_path) is rewritten every second for `ctstream status`;
+`observers` are handed a snapshot (status, counters, table bounds) at the
+same pace. `parts` (metrics, MQTT) start after the attach and stop first;
+they must not fail the daemon for their own troubles.
 Signals only set an event. Background parts report failures through
 `fail()`, so a dead part stops the daemon loudly instead of silently.
 """
@@ -86,6 +89,15 @@ class Session:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     reader_paused: bool = False
+    # Events read from the ring, by abi.EV_* type; those that carried a
+    # missed-event mask; DESTROYs that were re-emissions (retries > 0).
+    events_by_type: list[int] = field(default_factory=lambda: [0] * 4)
+    missed_redelivered: int = 0
+    destroy_retries: int = 0
+    # Extras with `async start(session)` and `async aclose()`, started last
+    # and stopped first; observers get snapshot() every STATUS_INTERVAL.
+    parts: list = field(default_factory=list)
+    observers: list[Callable[[dict], None]] = field(default_factory=list)
     _tasks: list = field(default_factory=list)
 
     def fail(self, exc: BaseException) -> None:
@@ -132,11 +144,20 @@ class Session:
         await self.sink.start()
         self._stack.push_async_callback(self.sink.aclose)
 
-        def deliver(raw: abi.RawEvent) -> None:
-            ack_ref = self.sink.write_raw(raw, clock)
-            self.delivered += 1
+        write_raw, by_type = self.sink.write_raw, self.events_by_type
+
+        def deliver(raw: abi.RawEvent) -> None:   # per record: keep it short
+            ack_ref = write_raw(raw, clock)
+            by_type[raw.type] += 1
+            if raw.missed:
+                self.missed_redelivered += 1
             if ack_ref is not None:
                 self._acks.append(ack_ref)
+                if raw.retries:
+                    self.destroy_retries += 1
+
+        def delivered(count: int) -> None:        # after each read of the ring
+            self.delivered += count
             self._written.set()
             if not self.reader_paused and self.sink.backlog() > MAX_BACKLOG:
                 self.reader_paused = True
@@ -144,7 +165,8 @@ class Session:
 
         space = RingSpace(self.dp.fd("ct_events"), self.cfg.ring_bytes)
         self._stack.callback(space.close)
-        self.reader = RingReader(self.dp.fd("ct_events"), deliver, on_failure=self.fail)
+        self.reader = RingReader(self.dp.fd("ct_events"), deliver, on_failure=self.fail,
+                                 on_batch=delivered)
         self.reader.start()
         self._stack.callback(self.reader.close)
         self._stack.push_async_callback(self._final_drain)
@@ -169,6 +191,9 @@ class Session:
         # namespace (setns) then changes only that worker thread.
         self._stack.push_async_callback(asyncio.to_thread, self._detach)
         await asyncio.to_thread(self._attach)
+        for part in self.parts:
+            await part.start(self)
+            self._stack.push_async_callback(part.aclose)
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
@@ -205,12 +230,21 @@ class Session:
     async def _commit(self) -> None:
         self._written.clear()
         acks, self._acks = self._acks, []
-        refused = await self.sink.commit_async()
+        commit = asyncio.ensure_future(self.sink.commit_async())
+        # The commit takes the sink's backlog before its first await: let it
+        # start, then let the reader go on while Kafka acknowledges (reading
+        # and the round trip overlap).
+        await asyncio.sleep(0)
+        self._resume_reader()
+        refused = await commit
         self._last_commit = time.monotonic()
         if refused:
             acks = [a for a in acks if a not in refused]
         if acks:
             await asyncio.to_thread(self.outbox.ack, acks)
+        self._resume_reader()
+
+    def _resume_reader(self) -> None:
         if self.reader_paused and self.sink.backlog() <= MAX_BACKLOG // 2:
             self.reader_paused = False
             self.reader.start()
@@ -249,6 +283,8 @@ class Session:
         try:
             while True:
                 self.write_status()
+                if self.observers:
+                    self._observe(self.snapshot())
                 await asyncio.sleep(STATUS_INTERVAL)
         except asyncio.CancelledError:
             raise
@@ -263,6 +299,19 @@ class Session:
                 "last_commit_age_s": (time.monotonic() - self._last_commit
                                       if self._last_commit else None),
                 **self.sink.status()}
+
+    def snapshot(self) -> dict:
+        """status() with the datapath counters and the table's bounds."""
+        return {**self.status(), "counters": self.counters(), "table_limit": self.cfg.table_limit,
+                "table_high": self.cfg.early_high_entries(),
+                "table_low": self.cfg.early_low_entries(), "monotonic": time.monotonic()}
+
+    def _observe(self, snap: dict) -> None:
+        for fn in self.observers:
+            try:
+                fn(snap)
+            except Exception as exc:  # an observer's trouble is its own
+                log.error("status observer %s failed: %s", getattr(fn, "__qualname__", fn), exc)
 
     def write_status(self) -> None:
         tmp = self._status_file.with_suffix(".tmp")

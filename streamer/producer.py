@@ -238,25 +238,43 @@ _M = 0x5BD1E995
 _WORDS: dict[int, struct.Struct] = {}
 
 
+_PREFIX_STATE: dict[tuple[int, bytes], int] = {}
+_PREFIX_STATES_MAX = 4096
+
+
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 of a key as an unsigned 32-bit value: the same hash
     as the Java client's Utils.murmur2 (and aiokafka's DefaultPartitioner),
-    about twice as fast as aiokafka's pure-Python version."""
+    about twice as fast as aiokafka's pure-Python version.
+
+    Keys are b"<nodeId>/<ctId>": the whole words of "<nodeId>/" are the same
+    for every key of a node, so the hash state after them is remembered per
+    (length, prefix) and only the ctId's words are hashed."""
     n = len(data)
-    h = 0x9747B28C ^ n
-    words = _WORDS.get(n >> 2)
-    if words is None:
-        words = _WORDS[n >> 2] = struct.Struct(f"<{n >> 2}I")
-    for k in words.unpack_from(data):
-        k = k * _M & 0xFFFFFFFF
-        # The low 32 bits of a XOR are the XOR of the low 32 bits: one mask.
-        h = (h * _M ^ (k ^ k >> 24) * _M) & 0xFFFFFFFF
+    skip = ((data.find(b"/") + 1) >> 2) << 2
+    h = _PREFIX_STATE.get((n, data[:skip])) if skip else None
+    if h is None:
+        h = _hash_words(0x9747B28C ^ n, data[:skip])
+        if skip and len(_PREFIX_STATE) < _PREFIX_STATES_MAX:
+            _PREFIX_STATE[(n, data[:skip])] = h
+    h = _hash_words(h, data[skip:])
     tail = n & 3
     if tail:
         h = (h ^ int.from_bytes(data[n - tail:], "little")) * _M & 0xFFFFFFFF
     h ^= h >> 13
     h = (h * _M) & 0xFFFFFFFF
     return h ^ (h >> 15)
+
+
+def _hash_words(h: int, data: bytes) -> int:
+    words = _WORDS.get(len(data) >> 2)
+    if words is None:
+        words = _WORDS[len(data) >> 2] = struct.Struct(f"<{len(data) >> 2}I")
+    for k in words.unpack_from(data):
+        k = k * _M & 0xFFFFFFFF
+        # The low 32 bits of a XOR are the XOR of the low 32 bits: one mask.
+        h = (h * _M ^ (k ^ k >> 24) * _M) & 0xFFFFFFFF
+    return h
 
 
 def partition_of(key: bytes, partitions: int) -> int:
