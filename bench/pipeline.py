@@ -270,6 +270,7 @@ def _measure(args, name, extra, run_argv, proc, pin, topic, bootstrap, broker_pi
         "other_cpu_s": round(mcpu - dcpu - bcpu, 2),
         "records_in_topic": in_topic,
         "kafka_acked": st.get("kafka_acked"),
+        "records_per_batch": round(st.get("kafka_acked", 0) / max(1, st.get("kafka_acked_batches") or 1)),
         "sent_live": st.get("sent_live"), "sent_from_spool": st.get("sent_from_spool"),
         "ring_full": final.get("ring_full"), "table_full": final.get("table_full"),
     }

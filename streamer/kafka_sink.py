@@ -235,6 +235,7 @@ class KafkaSink(Sink):
             "node_id": self.node_id,
             "in_flight": self.producer.in_flight,
             "kafka_acked": self.producer.acked,
+            "kafka_acked_batches": self.producer.acked_batches,
             "last_ack_time": self.producer.last_ack_time,
             "sent_live": self.sent_live,
             "sent_from_spool": self.sent_from_spool,

@@ -337,6 +337,7 @@ class Producer:
         self.settings = settings.validate()
         self._on_ack = on_ack
         self.acked = 0
+        self.acked_batches = 0   # record batches acknowledged (acked / this: records per batch)
         self.in_flight = 0
         self.last_ack_time: float | None = None
         self.ack_latency: collections.deque[float] = collections.deque(maxlen=ACK_LATENCY_SAMPLES)
@@ -587,6 +588,7 @@ class Producer:
         self._release(batch.count)
         if error is None:
             self.acked += batch.count
+            self.acked_batches += 1
             self.last_ack_time = time.time()
             batch.acked.set_result(None)
         else:
