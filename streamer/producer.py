@@ -99,7 +99,7 @@ class KafkaSettings:
     # fill a send() call. The producer itself sends each call at once.
     linger_ms: int = 5
     max_batch_bytes: int = 1 << 20        # one record batch (one partition, one request)
-    max_in_flight_records: int = 50_000   # sent but not yet acknowledged, all calls together
+    max_in_flight_records: int = 200_000  # sent but not yet acknowledged, all calls together
     request_timeout_ms: int = 10_000      # one request to a broker
     delivery_timeout_ms: int = 30_000     # a send() call, from the call to the last ack
     security_protocol: str = "PLAINTEXT"
