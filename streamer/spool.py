@@ -13,9 +13,6 @@ flock'ed for as long as the spool is open):
   rolls when the next record would take it past `segment_bytes`.
 - `cursor`: the delivered cursor, the highest offset Kafka acked with every
   lower one. Replaced by write + fsync + rename + fsync of the directory.
-- `archive/`: delivered segments kept for replay when `archive_bytes` or
-  `archive_s` is set, pruned oldest first by total size and by age (the file's
-  mtime: when its last record was written).
 
 A record is one frame, little-endian:
 
@@ -46,7 +43,11 @@ full spool loses no DESTROY; it moves the wait into the kernel's table, whose
 own limit is the next line of defence. CREATE and UPDATE records are not
 retried by the kernel: a refused one is gone and should be counted as such.
 Disk use is at most about max_bytes, plus one segment of delivered records
-still in the active segment, plus the archive's bound.
+still in the active segment.
+
+Delivered segments are deleted, not kept: the archive for `ctstream replay`
+is streamer/archive.py's, which the Kafka sink feeds with every record Kafka
+acknowledged, live or drained from here, so that each is archived once.
 
 Threads: `append` may run on the event loop while `sync`, `read` and
 `mark_delivered` run in worker threads. Appends hold a short lock and never
@@ -64,10 +65,8 @@ import os
 import re
 import struct
 import threading
-import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .errors import ConfigError, StreamerError
 
@@ -199,48 +198,6 @@ def _map(fd: int):
     return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
 
-def iter_file(path: str, from_ms: int, to_ms: int, limit: int | None = None,
-              first: int = 0, moved_to: str | None = None) -> Iterator[SpoolRecord]:
-    """The valid records of one segment file, up to byte `limit`, whose
-    time_ms lies in [from_ms, to_ms); damaged regions are passed over. If the
-    file is gone, `moved_to` is where it may have gone meanwhile."""
-    fd = -1
-    for candidate in (path, moved_to):
-        if candidate is None:
-            continue
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
-            break
-        except FileNotFoundError:
-            continue
-    if fd < 0:
-        return
-    try:
-        data = _map(fd)
-        size = len(data) if limit is None else min(limit, len(data))
-        try:
-            for item in _scan(data, size, first, None):
-                if item[0] == "frame" and from_ms <= item[4] < to_ms:
-                    _, pos, end, off, t = item
-                    k0 = pos + HEADER_BYTES
-                    k1 = k0 + HEADER.unpack_from(data, pos)[3]
-                    yield SpoolRecord(off, t, bytes(data[k0:k1]), bytes(data[k1:end]))
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
-    finally:
-        os.close(fd)
-
-
-def iter_archive(directory: str, from_ms: int, to_ms: int) -> Iterator[SpoolRecord]:
-    """Archived records with from_ms <= time_ms < to_ms, in offset order.
-    Needs no lock: archived segments never change, and one pruned while it is
-    read stays readable through the open descriptor."""
-    adir = os.path.join(directory, "archive")
-    for first, name in _segment_files(adir)[0]:
-        yield from iter_file(os.path.join(adir, name), from_ms, to_ms, first=first)
-
-
 def _segment_files(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
     """(first offset, name) of the segments in a directory, sorted, and the
     names that look like segments but cannot be."""
@@ -341,23 +298,18 @@ class Spool:
         raise TypeError("use Spool.open(directory, ...)")
 
     @classmethod
-    def open(cls, directory, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20,
-             archive_bytes: int = 0, archive_s: float = 0.0) -> "Spool":
+    def open(cls, directory, max_bytes: int = 1 << 30,
+             segment_bytes: int = 16 << 20) -> "Spool":
         directory = os.fspath(directory)
         if max_bytes <= HEADER_BYTES:
             raise ConfigError(f"spool max_bytes must be above {HEADER_BYTES}, got {max_bytes}")
         if segment_bytes < MIN_SEGMENT_BYTES:
             raise ConfigError(f"spool segment_bytes must be at least {MIN_SEGMENT_BYTES}, "
                               f"got {segment_bytes}")
-        if archive_bytes < 0 or archive_s < 0:
-            raise ConfigError("spool archive_bytes and archive_s cannot be negative")
         self = object.__new__(cls)
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        self.archive_bytes = archive_bytes
-        self.archive_s = float(archive_s)
-        self.archive_dir = os.path.join(directory, "archive")
         self.read_problems: list[str] = []
         self.full_refusals = 0
         self._full = False
@@ -377,10 +329,6 @@ class Spool:
             self._release_fds()
             raise
         return self
-
-    @property
-    def archiving(self) -> bool:
-        return self.archive_bytes > 0 or self.archive_s > 0
 
     # -- opening
 
@@ -446,8 +394,6 @@ class Spool:
         # leaves wholly delivered segments behind; finish the job.
         with self._drain_lock:
             self._retire([s for s in segments if s.delivered_by(delivered)])
-            if self.archiving:
-                self.prune_archive()
         self._depth_bytes = sum(s.bytes - s.delivered_pos for s in self._segments)
         self._depth_records = sum(s.records - s.delivered_records for s in self._segments)
 
@@ -822,8 +768,6 @@ class Spool:
             for key in [k for k in self._hints if k < offset]:
                 del self._hints[key]
             self._retire(whole)
-            if whole and self.archiving:
-                self.prune_archive()
 
     def _write_cursor(self, offset: int) -> None:
         text = str(offset).encode()
@@ -846,71 +790,20 @@ class Spool:
                              f"{exc.strerror}") from exc
 
     def _retire(self, segments: list[_Segment]) -> None:
-        """Delete or archive wholly delivered segments (caller holds _drain_lock)."""
+        """Delete wholly delivered segments (caller holds _drain_lock)."""
         if not segments:
             return
         try:
-            if self.archiving:
-                os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
             for seg in segments:
                 with self._lock:
                     seg.close_fds()
                     if seg in self._segments:
                         self._segments.remove(seg)
-                if self.archiving:
-                    os.replace(seg.path, os.path.join(self.archive_dir, seg.name))
-                else:
-                    os.unlink(seg.path)
-            if self.archiving:
-                _fsync_dir(self.archive_dir)
+                os.unlink(seg.path)
             os.fsync(self._dir_fd)
         except OSError as exc:
             raise SpoolError(f"cannot retire delivered spool segments in {self.directory}: "
                              f"{exc.strerror}") from exc
-
-    # -- the archive
-
-    def prune_archive(self, now: float | None = None) -> int:
-        """Remove archived segments older than archive_s (by mtime) and the
-        oldest ones beyond archive_bytes; returns how many went. Runs at open
-        and after each retirement; a daemon whose spool sits idle should call
-        it now and then for the age limit to hold."""
-        now = time.time() if now is None else now
-        files = []
-        for _first, name in _segment_files(self.archive_dir)[0]:
-            path = os.path.join(self.archive_dir, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            files.append((path, st.st_size, st.st_mtime))
-        total = sum(size for _p, size, _m in files)
-        removed = 0
-        for path, size, mtime in files:          # oldest first
-            too_old = self.archive_s > 0 and mtime < now - self.archive_s
-            too_big = self.archive_bytes > 0 and total > self.archive_bytes
-            if not (too_old or too_big):
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            total -= size
-            removed += 1
-        return removed
-
-    def archived(self, from_ms: int, to_ms: int) -> Iterator[SpoolRecord]:
-        """Delivered records still kept, with from_ms <= time_ms < to_ms, in
-        offset order: the archive, then the delivered part of the live
-        segments (those reach the archive when they retire)."""
-        yield from iter_archive(self.directory, from_ms, to_ms)
-        with self._lock:
-            live = [(s.path, s.delivered_pos, s.first, s.name) for s in self._segments
-                    if s.delivered_pos]
-        for path, limit, first, name in live:
-            # It may retire while we read: then it is in the archive, or gone.
-            yield from iter_file(path, from_ms, to_ms, limit=limit, first=first,
-                                 moved_to=os.path.join(self.archive_dir, name))
 
     # -- state
 

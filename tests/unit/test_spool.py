@@ -1,6 +1,6 @@
-"""The durable spool: round trips, the delivered cursor, segments and the
-archive, the bound, and recovery from torn, corrupt and garbage files and
-from a SIGKILLed writer."""
+"""The durable spool: round trips, the delivered cursor, segments (deleted
+once delivered: the archive is streamer/archive.py's), the bound, and
+recovery from torn, corrupt and garbage files and from a SIGKILLed writer."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from streamer.errors import StreamerError
 from streamer.spool import (HEADER_BYTES, INDEX_STRIDE, MAGIC, Spool, SpoolError,
-                            SpoolFull, SpoolRecord, iter_archive, segment_name)
+                            SpoolFull, SpoolRecord, segment_name)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,7 +180,7 @@ def test_append_from_one_thread_while_another_syncs(tmp_path):
         assert sp.recovery.problems == []
 
 
-# ---------------------------------------------------------------- segments, archive
+# ---------------------------------------------------------------- segments
 
 def test_segments_roll_at_segment_bytes_and_are_deleted_when_delivered(tmp_path):
     d = tmp_path / "s"
@@ -205,51 +204,16 @@ def test_segments_roll_at_segment_bytes_and_are_deleted_when_delivered(tmp_path)
     sp.close()
 
 
-def test_delivered_segments_are_archived_and_pruned_by_bytes(tmp_path):
+def test_delivered_segments_leave_no_archive_behind(tmp_path):
+    # The spool used to move delivered segments to archive/; the archive of
+    # published records is now streamer/archive.py's, fed by the Kafka sink.
     d = tmp_path / "s"
-    sp = Spool.open(d, segment_bytes=1024, archive_bytes=2500)
+    sp = Spool.open(d, segment_bytes=1024)
     fill(sp, 0, 200)
     files = seg_files(d)
     sp.mark_delivered(199)
-    archive = sorted((d / "archive").glob("seg-*.spool"))
-    # everything but the active segment retired; only the newest fit in 2500 bytes
     assert [f.name for f in seg_files(d)] == [files[-1].name]
-    assert archive and sum(f.stat().st_size for f in archive) <= 2500
-    assert [f.name for f in archive] == [f.name for f in files[-1 - len(archive):-1]]
-    assert len(archive) < len(files) - 1            # some were pruned
-    sp.close()
-
-
-def test_archive_pruned_by_age(tmp_path):
-    d = tmp_path / "s"
-    sp = Spool.open(d, segment_bytes=1024, archive_s=3600)
-    fill(sp, 0, 60)
-    sp.mark_delivered(59)
-    archive = sorted((d / "archive").glob("seg-*.spool"))
-    assert len(archive) >= 2
-    two_hours_ago = time.time() - 7200
-    os.utime(archive[0], (two_hours_ago, two_hours_ago))
-    assert sp.prune_archive() == 1
-    assert sorted((d / "archive").glob("seg-*.spool")) == archive[1:]
-    sp.close()
-    os.utime(archive[1], (two_hours_ago, two_hours_ago))
-    with Spool.open(d, segment_bytes=1024, archive_s=3600):   # open prunes too
-        assert sorted((d / "archive").glob("seg-*.spool")) == archive[2:]
-
-
-def test_archived_returns_delivered_records_in_a_time_window(tmp_path):
-    d = tmp_path / "s"
-    sp = Spool.open(d, segment_bytes=1024, archive_bytes=1 << 20)
-    fill(sp, 0, 100)
-    sp.mark_delivered(89)
-    t0 = rec(0)[2]
-    # 10..29 are archived segments; 85..89 sit in the live active segment
-    window = list(sp.archived(t0 + 10, t0 + 30))
-    assert window == [expected(i) for i in range(10, 30)]
-    tail = list(sp.archived(t0 + 80, t0 + 1000))
-    assert tail == [expected(i) for i in range(80, 90)]       # nothing undelivered
-    assert list(sp.archived(t0 + 1000, t0 + 2000)) == []
-    assert list(iter_archive(str(d), t0, t0 + 1000))[0] == expected(0)
+    assert sorted(p.name for p in d.iterdir()) == ["cursor", "lock", files[-1].name]
     sp.close()
 
 
@@ -478,8 +442,6 @@ def test_bad_parameters(tmp_path):
         Spool.open(tmp_path / "a", segment_bytes=10)
     with pytest.raises(StreamerError, match="max_bytes"):
         Spool.open(tmp_path / "b", max_bytes=0)
-    with pytest.raises(StreamerError, match="archive"):
-        Spool.open(tmp_path / "c", archive_s=-1)
 
 
 WRITER = """
