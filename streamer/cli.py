@@ -266,6 +266,7 @@ def _dispatch(a: argparse.Namespace) -> int:
 
 
 def _kafka_sink(a: argparse.Namespace):
+    from .archive import default_spool_dir
     from .kafka_sink import KafkaSink
     from .producer import KafkaSettings
 
@@ -281,6 +282,10 @@ def _kafka_sink(a: argparse.Namespace):
         raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
     if a.spool_max < 1 << 20:
         raise ConfigError(f"--spool-max must be at least 1m, got {a.spool_max}")
+    if a.archive_max and a.archive_max < 1 << 20:
+        raise ConfigError(f"--archive-max must be 0 (no archive) or at least 1m, got {a.archive_max}")
+    if a.archive_age < 0:
+        raise ConfigError(f"--archive-age must be 0 (no age limit) or positive, got {a.archive_age}")
     timeout_ms = int(a.kafka_timeout * 1000)
     settings = KafkaSettings(
         bootstrap=a.kafka, topic=a.topic, compression=a.kafka_compression,
@@ -289,8 +294,9 @@ def _kafka_sink(a: argparse.Namespace):
         ssl_certfile=a.kafka_ssl_certfile, ssl_keyfile=a.kafka_ssl_keyfile,
         sasl_mechanism=a.kafka_sasl_mechanism, sasl_username=a.kafka_sasl_username,
         sasl_password=password)
-    spool = a.spool or os.path.join("/var/lib/ctstream/spool", os.path.basename(a.pin_dir.rstrip("/")))
-    return KafkaSink(settings, spool, a.spool_max, a.node_id)
+    spool = a.spool or default_spool_dir(a.pin_dir)
+    return KafkaSink(settings, spool, a.spool_max, a.node_id,
+                     archive_max=a.archive_max, archive_s=a.archive_age)
 
 
 async def _run(a: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from .events import LostReport
 from .producer import KafkaSettings, KafkaUnavailable, Producer
 from . import abi
 from .records import check_node_id, encode_event, lost_record, message_key, record_of_raw
+from .archive import ArchiveWriter, archive_dir
 from .sink import Sink
 from .spool import Spool, SpoolFull
 from .wire import encode
@@ -66,8 +67,16 @@ class KafkaSink(Sink):
         self.batch_s = settings.linger_ms / 1000
         self.spool_dir = spool_dir
         self.spool_max = spool_max
-        self.archive_max = archive_max       # what was published, kept for replay
-        self.archive_s = archive_s           # (0 and 0: no archive)
+        # The archive of what was published, for `ctstream replay`
+        # (streamer/archive.py): up to archive_max bytes (0: no archive),
+        # records younger than archive_s seconds (0: no age limit). Opened
+        # by start(), fed by on_published, closed by aclose().
+        if archive_max < 0 or archive_s < 0:
+            raise ConfigError(f"archive size and age cannot be negative, got "
+                              f"{archive_max} and {archive_s}")
+        self.archive_max = archive_max
+        self.archive_s = archive_s
+        self.archive: ArchiveWriter | None = None
         # Observers: on_ack(records, latency_s) for every send() Kafka
         # acknowledged (metrics); on_published(batch) with the (key, value,
         # time_ms) of records now in Kafka, live or from the spool (archive).
@@ -106,20 +115,37 @@ class KafkaSink(Sink):
         if self.spool.depth_records:
             log.warning("spool %s holds %d record(s) not yet in Kafka: draining them first",
                         self.spool_dir, self.spool.depth_records)
+        if self.archive_max:
+            # Before the first send: live and drained records alike go in.
+            try:
+                self.archive = await asyncio.to_thread(
+                    ArchiveWriter.open, archive_dir(self.spool_dir), self.archive_max,
+                    self.archive_s)
+            except BaseException:
+                await asyncio.to_thread(self.spool.close)
+                raise
+            earlier, add = self.on_published, self.archive.add
+            self.on_published = add if earlier is None else (
+                lambda batch: (earlier(batch), add(batch)))
         await self._connect()
         self._drainer = asyncio.create_task(self._drain_loop(), name="ctstream-spool-drain")
         self._kick.set()
 
     async def aclose(self) -> None:
-        if self._drainer is not None:
-            self._drainer.cancel()
-            try:
-                await self._drainer
-            except (asyncio.CancelledError, Exception):
-                pass
-        await self.producer.stop()
-        if self.spool is not None:
-            await asyncio.to_thread(self.spool.close)
+        try:
+            if self._drainer is not None:
+                self._drainer.cancel()
+                try:
+                    await self._drainer
+                except (asyncio.CancelledError, Exception):
+                    pass
+            await self.producer.stop()
+            if self.spool is not None:
+                await asyncio.to_thread(self.spool.close)
+        finally:
+            # Last: the producer's final acknowledgements are archived too.
+            if self.archive is not None:
+                await asyncio.to_thread(self.archive.close)
 
     # ---- the sink contract ----------------------------------------------------------
     def write(self, ev) -> None:
