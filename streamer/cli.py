@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import tomllib
@@ -80,6 +81,26 @@ def _add_datapath_args(p: argparse.ArgumentParser) -> None:
                        help=f"{name} timeout in seconds ({default:g})")
 
 
+def _add_observe_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("mqtt", "retained status and alerts under ctstream/<node id>/")
+    m.add_argument("--mqtt", metavar="HOST[:PORT]",
+                   help="publish status and alerts to this MQTT broker (port 1883 unless given)")
+    m.add_argument("--mqtt-username", metavar="NAME")
+    m.add_argument("--mqtt-password-file", metavar="FILE",
+                   help="file holding the MQTT password (or set CTSTREAM_MQTT_PASSWORD)")
+    m.add_argument("--mqtt-cafile", metavar="FILE", help="connect with TLS, trusting this CA")
+    m.add_argument("--mqtt-interval", type=_seconds, default=5.0, metavar="S",
+                   help="seconds between status messages (%(default)g)")
+    m.add_argument("--alert-kafka-down", type=_seconds, default=30.0, metavar="S",
+                   help="alert when Kafka has been unreachable for S seconds (%(default)g)")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    g.add_argument("--metrics-walk-max", type=int, default=100_000, metavar="N",
+                   help="count connections per state only while the table holds at most N "
+                        "(a walk of the table at most every 30 s; %(default)s)")
+
+
 def _watermarks(text: str) -> tuple[float, float]:
     try:
         hi, lo = (float(x.strip().rstrip("%")) for x in text.split(","))
@@ -141,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--kafka-sasl-username")
     k.add_argument("--kafka-sasl-password-file", metavar="FILE",
                    help="file holding the SASL password (or set CTSTREAM_KAFKA_SASL_PASSWORD)")
+    _add_observe_args(r)
 
     e = sub.add_parser("events", help="attach and stream connection events, like conntrack -E")
     _add_target_args(e)
@@ -149,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sink", default="stdout", metavar="SPEC",
                    help="stdout, or jsonl:PATH (appended, fsync'd in batches); a DESTROY is "
                         "acked to the kernel's outbox only once the sink has it durably")
+    _add_observe_args(e)
 
     ss = sub.add_parser("status", help="the daemon's state: Kafka, spool, outbox, in flight")
     ss.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
@@ -321,22 +344,77 @@ async def _serve(a: argparse.Namespace, sink, where: str, stop: asyncio.Event | 
     if a.lost_interval < 0:
         raise ConfigError(f"--lost-interval must be 0 (off) or positive, got {a.lost_interval}")
     stop = stop or asyncio.Event()
-    install_signal_handlers(stop)
-    asyncio.get_running_loop().set_exception_handler(_quiet_kafka_internals)
-    async with Session(cfg, Target(a.ifaces, a.netns, a.egress), sink=sink, keep=a.keep,
-                       lost_interval=a.lost_interval) as s:
-        adopted = " (adopted the pinned table)" if s.dp.adopted else ""
-        print(f"ctstream: tracking on {', '.join(a.ifaces)}"
-              f"{' (+egress)' if a.egress else ''}{adopted}{' ' + where if where else ''}; "
-              f"Ctrl-C to stop", file=sys.stderr)
-        waiter = asyncio.create_task(stop.wait())
-        failed = asyncio.create_task(s.stopping.wait())
-        await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        failed.cancel()
+    parts = _observe_parts(a, sink)  # binds --metrics: a port in use fails here
+    try:
+        install_signal_handlers(stop)
+        asyncio.get_running_loop().set_exception_handler(_quiet_kafka_internals)
+        async with Session(cfg, Target(a.ifaces, a.netns, a.egress), sink=sink, keep=a.keep,
+                           lost_interval=a.lost_interval, parts=parts) as s:
+            adopted = " (adopted the pinned table)" if s.dp.adopted else ""
+            print(f"ctstream: tracking on {', '.join(a.ifaces)}"
+                  f"{' (+egress)' if a.egress else ''}{adopted}{' ' + where if where else ''}; "
+                  f"Ctrl-C to stop", file=sys.stderr)
+            waiter = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(s.stopping.wait())
+            await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            failed.cancel()
+    finally:
+        for part in parts:
+            if hasattr(part, "close"):  # the metrics server, if the session never started it
+                part.close()
     if s.failure:
         raise StreamerError(str(s.failure))
     return 0
+
+
+def _observe_parts(a: argparse.Namespace, sink) -> list:
+    """The MQTT publisher and the metrics server the options ask for; the
+    metrics socket is bound here, before the datapath is touched."""
+    parts = []
+    node = getattr(sink, "node_id", None) or socket.gethostname()
+    if a.mqtt:
+        parts.append(_mqtt_status(a, node))
+    if a.metrics:
+        from .metrics import Metrics, parse_listen
+
+        if a.metrics_walk_max < 0:
+            raise ConfigError(f"--metrics-walk-max must be 0 or more, got {a.metrics_walk_max}")
+        host, port = parse_listen(a.metrics)
+        parts.append(Metrics(host, port, walk_max=a.metrics_walk_max).serve())
+    return parts
+
+
+def _mqtt_status(a: argparse.Namespace, node: str):
+    import ssl
+
+    from .mqtt_status import MqttSettings, MqttStatus, parse_broker
+
+    host, port = parse_broker(a.mqtt)
+    password = os.environ.get("CTSTREAM_MQTT_PASSWORD")
+    if a.mqtt_password_file:
+        try:
+            with open(a.mqtt_password_file) as f:
+                password = f.readline().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --mqtt-password-file {a.mqtt_password_file}: "
+                              f"{exc.strerror}") from exc
+    if password and not a.mqtt_username:
+        raise ConfigError("an MQTT password needs --mqtt-username")
+    tls = None
+    if a.mqtt_cafile:
+        try:
+            tls = ssl.create_default_context(cafile=a.mqtt_cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--mqtt-cafile {a.mqtt_cafile}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+    if not (0.5 <= a.mqtt_interval <= 3600):
+        raise ConfigError(f"--mqtt-interval must be in [0.5, 3600] seconds, got {a.mqtt_interval}")
+    if not (0 <= a.alert_kafka_down <= 86400):
+        raise ConfigError(f"--alert-kafka-down must be in [0, 86400] seconds, got {a.alert_kafka_down}")
+    settings = MqttSettings(host, port, username=a.mqtt_username, password=password, tls=tls,
+                            interval=a.mqtt_interval, kafka_down_s=a.alert_kafka_down)
+    return MqttStatus(settings, node)
 
 
 def _quiet_kafka_internals(loop, context) -> None:
