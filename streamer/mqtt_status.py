@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -65,20 +66,17 @@ class MqttSettings:
 
 
 def parse_broker(text: str) -> tuple[str, int]:
-    """HOST[:PORT] (IPv6: [ADDR]:PORT); ConfigError if malformed."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ("" if not rest else None)
-    elif text.count(":") == 1:
-        host, port = text.split(":")
+    """HOST[:PORT] (IPv6: [ADDR]:PORT or a bare ADDR); ConfigError if malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text)
+    if m:
+        host, port = m.group(1) or m.group(3), m.group(2) or m.group(4)
     else:
-        host, port = text, ""
-        if ":" in text:  # only a bare IPv6 address has several colons
-            try:
-                ipaddress.IPv6Address(text)
-            except ValueError:
-                port = None
-    if not host or port is None or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+        host, port = text, None
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            host = None
+    if not host or (port is not None and not 1 <= int(port) <= 65535):
         raise ConfigError(f"--mqtt expects HOST[:PORT] like 127.0.0.1:1883, got {text!r}")
     return host, int(port) if port else DEFAULT_PORT
 
