@@ -1,15 +1,410 @@
-"""`ctstream replay`: re-publish archived records, or the live table as
-SNAPSHOT records (issue 5)."""
+"""`ctstream replay`: publish again what consumers missed.
+
+- `--from TIME [--to TIME]`: the records of the archive (streamer/archive.py)
+  whose observation time lies in [from, to), in the order Kafka first
+  acknowledged them, re-published byte for byte: same key, same value, so
+  the same dedupe key (nodeId, ctId, seq) and the same partition of a topic
+  with as many partitions. A consumer that dedupes stays exactly once;
+  replaying a range twice does no harm. `--ct-id` and `--node-id` narrow it
+  down by the record key (b"<nodeId>/<ctId>"), without decoding values.
+- `--snapshot`: one SNAPSHOT record per live connection of the pinned table
+  (like conntrackd's resync), for a consumer that lost its state.
+
+Both read only: the archive's segments and the pinned maps are safe to read
+while the daemon runs. A replay that Kafka interrupts says how far it got;
+running the same replay again is safe for the same dedupe reason.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import datetime
+import os
+import re
+import socket
+import sys
+import time
+
+from .config import DEFAULT_PIN_DIR
+from .errors import ConfigError, StreamerError
+
+CONNECT_TIMEOUT_S = 10.0
+SEND_CHUNK = 10_000          # records per Producer.send call
+SENDS_IN_FLIGHT = 3          # calls not yet acknowledged, in call order
+PROGRESS_EVERY_S = 0.5
+PROBLEMS_SHOWN = 10
+_RELATIVE = re.compile(r"(?:now)?\s*-\s*(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_EPOCH = re.compile(r"\d+(?:\.\d+)?")
+_EPOCH_MS_ABOVE = 1e11       # seconds up to year 5138; more is milliseconds by mistake
 
 
 def add_parser(sub) -> None:
-    rp = sub.add_parser("replay", help="re-publish archived records, or the live table (--snapshot)")
+    rp = sub.add_parser(
+        "replay", help="re-publish archived records, or the live table (--snapshot)",
+        description="Publish archived records of a time range again, byte for byte (the "
+                    "dedupe keys are the same, so exactly-once consumers stay exactly "
+                    "once), or with --snapshot one SNAPSHOT record per live connection.")
+    # argparse takes "-10m" for an option; let it read relative times as it
+    # reads negative numbers (its private matcher, stable since Python 3.2).
+    rp._negative_number_matcher = re.compile(r"^-\d+(?:\.\d+)?[smhdwSMHDW]?$|^-\.\d+$")
+    rp.add_argument("--from", dest="time_from", metavar="TIME",
+                    help="start of the range (included): ISO 8601 (2024-05-01T12:00:00Z; "
+                         "without a zone: local time), epoch seconds, 'now', or relative "
+                         "like -10m, -2h, -1d")
+    rp.add_argument("--to", dest="time_to", metavar="TIME", default="now",
+                    help="end of the range (excluded), same forms (now)")
+    rp.add_argument("--ct-id", type=_ct_id, action="append", metavar="ID",
+                    help="only this connection's records (repeat for more)")
+    rp.add_argument("--node-id", help="archive: only this node's records; --snapshot: the "
+                                      "node id the records carry (default: the host name)")
+    rp.add_argument("--snapshot", action="store_true",
+                    help="publish the live table as SNAPSHOT records instead (needs --pin-dir "
+                         "of the running datapath)")
+    where = rp.add_mutually_exclusive_group()
+    where.add_argument("--spool", metavar="DIR",
+                       help="the daemon's --spool; the archive is DIR/archive")
+    where.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
+                       help="the daemon's --pin-dir: the archive is under its default spool "
+                            "(/var/lib/ctstream/spool/<pin dir name>/archive); with "
+                            "--snapshot, the table to read (%(default)s)")
+    k = rp.add_argument_group("kafka")
+    k.add_argument("--kafka", required=True, metavar="HOST:PORT[,HOST:PORT]")
+    k.add_argument("--topic", required=True, help="the topic to publish to (must exist)")
+    k.add_argument("--kafka-timeout", type=float, default=30.0, metavar="S",
+                   help="a send not acknowledged within S seconds fails the replay (%(default)g)")
+    k.add_argument("--kafka-compression", default="none",
+                   choices=("none", "gzip", "snappy", "lz4", "zstd"))
+    k.add_argument("--kafka-security-protocol", default="PLAINTEXT",
+                   choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    k.add_argument("--kafka-ssl-cafile", metavar="FILE")
+    k.add_argument("--kafka-ssl-certfile", metavar="FILE")
+    k.add_argument("--kafka-ssl-keyfile", metavar="FILE")
+    k.add_argument("--kafka-sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    k.add_argument("--kafka-sasl-username")
+    k.add_argument("--kafka-sasl-password-file", metavar="FILE",
+                   help="file holding the SASL password (or set CTSTREAM_KAFKA_SASL_PASSWORD)")
     rp.set_defaults(func=main)
 
 
+def _ct_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected a connection id (0 .. 2^64-1), got {text!r}")
+    return value
+
+
 def main(a: argparse.Namespace) -> int:
-    raise NotImplementedError("ctstream replay")
+    if a.snapshot:
+        if a.time_from is not None or a.time_to != "now" or a.ct_id or a.spool:
+            raise ConfigError("--snapshot publishes the live table: --from, --to, --ct-id "
+                              "and --spool do not go with it")
+        from .records import check_node_id
+        node_id = check_node_id(a.node_id or socket.gethostname())
+        return asyncio.run(_snapshot(a, _kafka_settings(a), node_id))
+    if a.time_from is None:
+        raise ConfigError("give the range to replay with --from TIME [--to TIME], "
+                          "or --snapshot for the live table")
+    now = time.time()
+    lo = parse_time(a.time_from, now, "--from")
+    hi = parse_time(a.time_to, now, "--to")
+    if lo >= hi:
+        raise ConfigError(f"--from ({_iso(lo)}) must be before --to ({_iso(hi)})")
+    from .archive import ArchiveReader, archive_dir, default_spool_dir
+    directory = archive_dir(a.spool or default_spool_dir(a.pin_dir))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"no archive at {directory} (`ctstream run` keeps one in its spool "
+                          f"directory unless --archive-max 0: give its --spool or --pin-dir)")
+    reader = ArchiveReader(directory, lo, hi)
+    return asyncio.run(_replay(a, _kafka_settings(a), reader))
+
+
+# ---------------------------------------------------------------- times
+
+def parse_time(text: str, now: float, what: str = "time") -> int:
+    """Wall-clock milliseconds of TIME: 'now', relative ('-10m', 'now-2h';
+    s, m, h, d, w; no unit: seconds), epoch seconds, or ISO 8601 (a date and
+    time without a zone is local time). ConfigError otherwise."""
+    t = text.strip()
+    if t.lower() == "now":
+        return int(now * 1000)
+    m = _RELATIVE.fullmatch(t)
+    if m:
+        return int((now - float(m.group(1)) * _UNITS[m.group(2).lower()]) * 1000)
+    if _EPOCH.fullmatch(t):
+        seconds = float(t)
+        if seconds >= _EPOCH_MS_ABOVE:
+            raise ConfigError(f"{what} {text!r}: epoch time in seconds, please (this looks "
+                              f"like milliseconds)")
+        return int(seconds * 1000)
+    try:
+        when = datetime.datetime.fromisoformat(t)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a time: give ISO 8601 "
+                          f"(2024-05-01T12:00:00Z), epoch seconds, 'now' or a relative time "
+                          f"like -10m") from None
+    return int(when.timestamp() * 1000)     # naive: local time, as timestamp() takes it
+
+
+def _iso(ms: int) -> str:
+    when = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------- Kafka
+
+def _kafka_settings(a: argparse.Namespace):
+    from .producer import KafkaSettings
+
+    if not 0 < a.kafka_timeout <= 3600:
+        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
+    password = os.environ.get("CTSTREAM_KAFKA_SASL_PASSWORD")
+    if a.kafka_sasl_password_file:
+        try:
+            with open(a.kafka_sasl_password_file) as f:
+                password = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --kafka-sasl-password-file "
+                              f"{a.kafka_sasl_password_file}: {exc.strerror}") from exc
+    timeout_ms = int(a.kafka_timeout * 1000)
+    return KafkaSettings(
+        bootstrap=a.kafka, topic=a.topic, client_id="ctstream-replay",
+        compression=a.kafka_compression, request_timeout_ms=min(timeout_ms, 10_000),
+        delivery_timeout_ms=timeout_ms, security_protocol=a.kafka_security_protocol,
+        ssl_cafile=a.kafka_ssl_cafile, ssl_certfile=a.kafka_ssl_certfile,
+        ssl_keyfile=a.kafka_ssl_keyfile, sasl_mechanism=a.kafka_sasl_mechanism,
+        sasl_username=a.kafka_sasl_username, sasl_password=password).validate()
+
+
+class _Sender:
+    """Producer.send calls of SEND_CHUNK records, up to SENDS_IN_FLIGHT at a
+    time; `acked` counts the records of the calls Kafka acknowledged (calls
+    complete in order: the producer keeps call order per partition)."""
+
+    def __init__(self, producer):
+        self.producer = producer
+        self.acked = 0
+        self._chunk: list[tuple[bytes, bytes]] = []
+        self._calls: collections.deque[tuple[asyncio.Task, int]] = collections.deque()
+
+    async def add(self, records) -> None:
+        self._chunk.extend(records)
+        while len(self._chunk) >= SEND_CHUNK:
+            part, self._chunk = self._chunk[:SEND_CHUNK], self._chunk[SEND_CHUNK:]
+            await self._call(part)
+
+    async def _call(self, part: list) -> None:
+        self._calls.append((asyncio.ensure_future(self.producer.send(part)), len(part)))
+        while len(self._calls) >= SENDS_IN_FLIGHT or (self._calls and self._calls[0][0].done()):
+            await self._settle_oldest()
+
+    async def _settle_oldest(self) -> None:
+        task, n = self._calls[0]
+        await task                   # raises KafkaUnavailable: the caller reports
+        self._calls.popleft()
+        self.acked += n
+
+    async def flush(self) -> None:
+        if self._chunk:
+            part, self._chunk = self._chunk, []
+            self._calls.append((asyncio.ensure_future(self.producer.send(part)), len(part)))
+        while self._calls:
+            await self._settle_oldest()
+
+    async def abandon(self) -> None:
+        for task, _ in self._calls:
+            task.cancel()
+        for task, _ in self._calls:
+            try:
+                await task
+            except BaseException:
+                pass
+        self._calls.clear()
+
+
+async def _connect(settings):
+    from .producer import Producer
+
+    producer = Producer(settings)
+    try:
+        await producer.start(timeout_s=min(CONNECT_TIMEOUT_S,
+                                           settings.delivery_timeout_ms / 1000))
+    except BaseException:
+        await producer.stop()
+        raise
+    return producer
+
+
+# ---------------------------------------------------------------- replay
+
+class _Progress:
+    """Records, rate and ETA on one line of stderr, rewritten in place, when
+    stderr is a terminal; nothing otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.on = self.stream.isatty()
+        self.t0 = time.monotonic()
+        self._next = self.t0            # the first update shows at once
+        self._shown = False
+
+    def update(self, records: int, done_bytes: int, total_bytes: int) -> None:
+        if not self.on:
+            return
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + PROGRESS_EVERY_S
+        elapsed = max(now - self.t0, 1e-3)
+        share = done_bytes / total_bytes if total_bytes else 1.0
+        eta = f"{elapsed * (1 - share) / share:.0f}s" if share > 0 else "?"
+        self.stream.write(f"\rreplay: {records:,} records, {records / elapsed:,.0f}/s, "
+                          f"{share:.0%} of the archive read, ETA {eta}\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def key_filter(ct_ids, node_id: str | None):
+    """A predicate on record keys (b"<nodeId>/<ctId>"), or None for all."""
+    if not ct_ids and node_id is None:
+        return None
+    wanted = {str(c).encode() for c in ct_ids} if ct_ids else None
+    node = node_id.encode() if node_id is not None else None
+
+    def keep(key: bytes) -> bool:
+        n, _, c = key.rpartition(b"/")
+        return (node is None or n == node) and (wanted is None or c in wanted)
+    return keep
+
+
+async def _replay(a: argparse.Namespace, settings, reader) -> int:
+    from .producer import KafkaUnavailable
+
+    keep = key_filter(a.ct_id, a.node_id)
+    progress = _Progress()
+    t0 = time.monotonic()
+    in_range = 0
+    producer = await _connect(settings)
+    sender = _Sender(producer)
+    try:
+        for batch in reader.batches():
+            in_range += len(batch)
+            if keep is None:
+                await sender.add([(k, v) for k, v, _t in batch])
+            else:
+                await sender.add([(k, v) for k, v, _t in batch if keep(k)])
+            progress.update(sender.acked, reader.scanned_bytes, reader.total_bytes)
+            await asyncio.sleep(0)       # let the producer's tasks run between frames
+        await sender.flush()
+    except StreamerError as exc:
+        await sender.abandon()
+        if not isinstance(exc, KafkaUnavailable):
+            raise
+        raise KafkaUnavailable(f"{exc}; {sender.acked:,} records were replayed before that "
+                               f"(replaying the range again is safe: the dedupe keys are the "
+                               f"same)") from exc
+    finally:
+        progress.clear()
+        await producer.stop()
+    _report_problems(reader.problems)
+    elapsed = max(time.monotonic() - t0, 1e-6)
+    left_out = f", {in_range - sender.acked:,} left out by --ct-id/--node-id" if keep else ""
+    damaged = f"; {reader.damaged_bytes:,} damaged bytes skipped" if reader.damaged_bytes else ""
+    print(f"ctstream: replayed {sender.acked:,} records of {_iso(reader.from_ms)} .. "
+          f"{_iso(reader.to_ms)} from {reader.directory} to topic {settings.topic} in "
+          f"{elapsed:.1f}s ({sender.acked / elapsed:,.0f}/s); {in_range:,} archived in the "
+          f"range{left_out}{damaged}", file=sys.stderr)
+    return 0
+
+
+def _report_problems(problems: list[str]) -> None:
+    for line in problems[:PROBLEMS_SHOWN]:
+        print(f"ctstream: archive damage: {line}", file=sys.stderr)
+    if len(problems) > PROBLEMS_SHOWN:
+        print(f"ctstream: archive damage: {len(problems) - PROBLEMS_SHOWN} more region(s)",
+              file=sys.stderr)
+
+
+# ---------------------------------------------------------------- snapshot
+
+def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes]]:
+    """(key, value) of one SNAPSHOT record per live connection of a
+    PinnedTable (entries in the outbox are ended: they have their DESTROY).
+    The fields are records.record_of's; seq is the entry's seq as
+    `ctstream list` shows it (the seq its next event will carry); the times
+    and TCP flags come from the entry itself."""
+    from . import abi, bpfsys
+    from . import table as tables
+    from .events import Clock, Event
+    from .records import message_key, record_of
+    from .wire import encode
+
+    clock = clock or Clock()
+    now_ns = time.monotonic_ns()
+    now_ms = clock.wall_ns(now_ns) // 1_000_000
+    out = []
+    for family, kstruct in ((4, tables._KEY4), (6, tables._KEY6)):
+        fd = table.fd(f"ct{family}")
+        seen = set()
+        for key in bpfsys.map_keys(fd, kstruct.size):
+            if key in seen:
+                continue
+            seen.add(key)
+            raw = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
+            if raw is None:
+                continue            # ended while we walked
+            value = tables._ENTRY.unpack(raw)
+            e = tables._decode(family, kstruct.unpack(key), value, now_ns)
+            if e is None or e.dying:
+                continue
+            _ct_id, first_ns, last_ns, *_counters, status_seq, _sched = value
+            tcp = e.proto == "tcp"
+            ev = Event(
+                type="SNAPSHOT", family=family, proto=e.proto, src=e.src, dst=e.dst,
+                sport=e.sport, dport=e.dport, vlan=e.vlan, state=e.state, assured=e.assured,
+                ct_id=e.ct_id, seq=e.seq, packets_orig=e.packets_orig,
+                packets_reply=e.packets_reply, bytes_orig=e.bytes_orig,
+                bytes_reply=e.bytes_reply, time_ms=now_ms,
+                first_ms=clock.wall_ns(first_ns) // 1_000_000,
+                last_ms=clock.wall_ns(last_ns & ~abi.LAST_FLAGS) // 1_000_000,
+                end_reason=None, missed=0, retries=0,
+                tcp_flags_orig=(status_seq >> 16) & 0xFF if tcp else 0,
+                tcp_flags_reply=(status_seq >> 24) & 0xFF if tcp else 0)
+            rec = record_of(ev, node_id)
+            out.append((message_key(rec), encode(rec)))
+    return out
+
+
+async def _snapshot(a: argparse.Namespace, settings, node_id: str) -> int:
+    from .table import PinnedTable
+
+    with PinnedTable(a.pin_dir) as table:
+        table.fd("ct4")             # no datapath pinned: say so before connecting
+        producer = await _connect(settings)
+        try:
+            t0 = time.monotonic()
+            records = await asyncio.to_thread(snapshot_records, table, node_id)
+            sender = _Sender(producer)
+            try:
+                await sender.add(records)
+                await sender.flush()
+            except StreamerError:
+                await sender.abandon()
+                raise
+        finally:
+            await producer.stop()
+    elapsed = time.monotonic() - t0
+    print(f"ctstream: published {sender.acked:,} SNAPSHOT records (the live connections of "
+          f"{a.pin_dir}, node {node_id}) to topic {settings.topic} in {elapsed:.1f}s",
+          file=sys.stderr)
+    return 0
