@@ -101,8 +101,10 @@ def test_status_survives_a_killed_mosquitto_and_metrics_match_the_topic(
     sub = subscriber_factory(mosquitto, f"{base}/#")
     with make_pipeline(pin_dir, tmp_path, 21, node) as pipe:
         pair = pipe.pair
-        daemon = pipe.start(broker.bootstrap, topic, *mqtt_args(mosquitto),
-                            "--metrics", f"127.0.0.1:{metrics_port}")
+        # A long --kafka-timeout: no batch goes through the spool (and then
+        # twice into Kafka) on a slow machine, so the counts below are exact.
+        daemon = pipe.start(broker.bootstrap, topic, "--kafka-timeout", "60",
+                            *mqtt_args(mosquitto), "--metrics", f"127.0.0.1:{metrics_port}")
         gen = Generator(pair, batch=100)
         gen.start()
         try:
@@ -140,7 +142,8 @@ def test_status_survives_a_killed_mosquitto_and_metrics_match_the_topic(
         finally:
             ports = gen.finish()
         wait_drained(pipe.pin, timeout=DRAIN_TIMEOUT)
-        pipe.wait_spool_drained(DRAIN_TIMEOUT)
+        final = pipe.wait_spool_drained(DRAIN_TIMEOUT)
+        assert final["spooled"] == 0 and final["sent_from_spool"] == 0, final
         kernel = kernel_flows(pair)
         after = scrape(metrics_port)
         mark = sub.mark()
