@@ -190,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     dt = sub.add_parser("detach", help="detach programs and remove the pinned maps")
     dt.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
 
-    dm = sub.add_parser("demo", help="namespaces, real traffic, events and a per-flow summary")
+    dm = sub.add_parser("demo", help="the whole pipeline: namespaces and traffic, a local Kafka, "
+                                     "the daemon, the accounting consumer, a delivery report")
     dm.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    dm.add_argument("--datapath-only", action="store_true",
+                    help="no Kafka: the events as they come and a per-flow summary next to "
+                         "the kernel's conntrack")
     dm.add_argument("--pin-dir", default=f"{DEFAULT_PIN_DIR}_demo")
 
     # Commands that live in their own modules register themselves: each sets
@@ -283,8 +287,11 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "detach":
         return _detach(a)
     if a.cmd == "demo":
-        from .demo import run_demo
-        return asyncio.run(run_demo(a.pin_dir, a.output))
+        if a.datapath_only:
+            from .demo import run_demo
+            return asyncio.run(run_demo(a.pin_dir, a.output))
+        from .pipeline_demo import run_pipeline_demo
+        return asyncio.run(run_pipeline_demo(a.pin_dir, a.output))
     raise AssertionError(a.cmd)
 
 

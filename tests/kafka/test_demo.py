@@ -1,0 +1,48 @@
+"""`ctstream demo` (the README's main command) end to end: its own broker,
+namespaces, traffic, the daemon, the accounting consumer. Its delivery report
+must show connections made == DESTROYs in Kafka == accounted flows, and it
+must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from streamer import testbed
+from tests.netns.test_cli import CTSTREAM
+
+pytestmark = [pytest.mark.root, pytest.mark.kafka]
+
+# The demo's traffic plan (streamer/pipeline_demo.py): per family 150 short
+# TCP connections, one bulk TCP, one UDP flow, one ping; iperf3 makes two.
+PLANNED = 2 * (150 + 1 + 1 + 1) + 2
+
+
+def kafka_brokers() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "kafka.Kafka"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "ctstream-demo-" in line]
+
+
+def test_demo_delivers_every_connection_exactly_once_and_leaves_nothing():
+    pin = "/sys/fs/bpf/ctstream_demo_test"
+    before = set(testbed._list_netns())
+    res = subprocess.run([CTSTREAM, "demo", "-o", "json", "--pin-dir", pin],
+                         capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout)
+    report = out["report"]
+    assert report["connections_made"] == PLANNED, report
+    assert report["destroys_in_kafka"] == PLANNED, report
+    assert report["accounted_flows"] == PLANNED, report
+    assert report["all_equal"] is True
+    assert report["records_in_kafka"]["CREATE"] >= PLANNED
+    # The top talkers come from the accounting database: the v4 and v6
+    # clients, bytes in both directions, the bulk transfers included.
+    sources = {row["talker"] for row in out["top_src"]}
+    assert {"198.18.0.1", "2001:2::1"} <= sources, out["top_src"]
+    assert sum(row["bytes"] for row in out["top_src"]) > 2 * 2_200_000
+    assert set(testbed._list_netns()) - before == set()
+    assert not kafka_brokers()
+    assert subprocess.run(["ls", pin], capture_output=True).returncode != 0
