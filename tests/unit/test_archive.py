@@ -365,3 +365,60 @@ def test_add_after_close_is_counted_as_dropped(tmp_path):
     w.close()
     w.add(recs(0, 5))
     assert w.dropped == 5 and w.written == 0
+
+
+# ---------------------------------------------------------------- the Kafka sink owns it
+
+async def _sink_round(tmp_path, monkeypatch, archive_max: int, observer=None):
+    from streamer.kafka_sink import KafkaSink
+    from streamer.producer import KafkaSettings
+
+    sink = KafkaSink(KafkaSettings(bootstrap="127.0.0.1:9", topic="t"), str(tmp_path / "spool"),
+                     archive_max=archive_max, archive_s=3600)
+
+    async def no_kafka():
+        return False
+    monkeypatch.setattr(sink, "_connect", no_kafka)
+    sink.on_published = observer
+    await sink.start()
+    try:
+        # what commit_async and the drain do once Kafka acknowledged records
+        sink.on_published(recs(0, 30))
+        sink.on_published(recs(30, 40))
+    finally:
+        await sink.aclose()
+    return sink
+
+
+async def test_the_kafka_sink_opens_feeds_and_closes_the_archive(tmp_path, monkeypatch):
+    seen = []
+    sink = await _sink_round(tmp_path, monkeypatch, 1 << 20, observer=seen.extend)
+    assert seen == recs(0, 40)                   # an observer set before start still runs
+    assert read_all(tmp_path / "spool" / "archive") == recs(0, 40)   # flushed by aclose
+    assert sink.archive.written == 40 and sink.archive.dropped == 0
+    sink.archive.add(recs(40, 41))               # closed: counted, not written
+    assert sink.archive.dropped == 1
+
+
+async def test_no_archive_with_archive_max_0(tmp_path, monkeypatch):
+    sink = await _sink_round(tmp_path, monkeypatch, 0, observer=lambda batch: None)
+    assert sink.archive is None and not (tmp_path / "spool" / "archive").exists()
+
+
+def test_run_options_reach_the_sink():
+    from streamer import cli
+
+    def sink(*extra):
+        a = cli.build_parser().parse_args(["run", "-i", "eth9", "--kafka", "127.0.0.1:9",
+                                           "--topic", "t", "--pin-dir", "/sys/fs/bpf/x", *extra])
+        return cli._kafka_sink(a)
+
+    s = sink()
+    assert (s.archive_max, s.archive_s, s.spool_dir) == \
+        (256 << 20, 86400.0, "/var/lib/ctstream/spool/x")
+    s = sink("--archive-max", "0", "--archive-age", "60", "--spool", "/tmp/sp")
+    assert (s.archive_max, s.archive_s, s.spool_dir) == (0, 60.0, "/tmp/sp")
+    with pytest.raises(ConfigError, match="--archive-max"):
+        sink("--archive-max", "100k")
+    with pytest.raises(ConfigError, match="--archive-age"):
+        sink("--archive-age", "-1")
