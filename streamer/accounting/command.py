@@ -3,18 +3,137 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from ..errors import ConfigError
+from .db import DEFAULT_URL
+from .report import DEFAULT_HORIZON_S
+
+_DB_HELP = ("sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
+            "(default %(default)s)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
 
 
 def add_parsers(sub) -> None:
-    ac = sub.add_parser("account", help="consume the stream into a flow-accounting database")
+    ac = sub.add_parser(
+        "account", help="consume the stream into a flow-accounting database",
+        description="Consume ctstream records from Kafka into finished-flow rows and per-minute "
+                    "rollups, exactly once (dedupe on nodeId, ctId, seq; Kafka offsets stored in "
+                    "the database in the same transaction as the rows). With --report: print "
+                    "the gap report of the database and exit.")
+    ac.add_argument("--kafka", metavar="HOST:PORT[,HOST:PORT]", help="bootstrap servers")
+    ac.add_argument("--topic", help="the topic the daemons publish to")
+    ac.add_argument("--db", default=DEFAULT_URL, metavar="URL", help=_DB_HELP)
+    ac.add_argument("--group", default="ctstream-account",
+                    help="Kafka consumer group; consumers of one group split the partitions "
+                         "(%(default)s)")
+    ac.add_argument("--until-idle", type=_seconds, metavar="S",
+                    help="exit once every assigned partition is read to its end and nothing "
+                         "arrived for S seconds (default: run until SIGINT/SIGTERM)")
+    ac.add_argument("--kafka-timeout", type=_seconds, default=15.0, metavar="S",
+                    help="give up when Kafka cannot be reached within S seconds at start (%(default)g)")
+    ac.add_argument("--session-timeout", type=_seconds, default=10.0, metavar="S",
+                    help="Kafka group session timeout: a consumer that died loses its "
+                         "partitions after S seconds (%(default)g)")
+    ac.add_argument("--report", action="store_true",
+                    help="print the gap report (seq gaps, flows without a DESTROY) and exit; "
+                         "needs no Kafka")
+    ac.add_argument("--horizon", type=_seconds, default=DEFAULT_HORIZON_S, metavar="S",
+                    help="--report: a flow without a DESTROY and silent for S seconds is "
+                         "unfinished (%(default)g: the longest default timeout plus a grace)")
+    ac.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                    help="format of the report, or of the final counts on stdout")
     ac.set_defaults(func=account_main)
+
     tp = sub.add_parser("top", help="top talkers from the accounting database")
+    tp.add_argument("--db", default=DEFAULT_URL, metavar="URL", help=_DB_HELP)
+    tp.add_argument("--by", choices=("src", "dst", "port"), default="src",
+                    help="initiator address, responder address, or protocol/responder port "
+                         "(%(default)s)")
+    tp.add_argument("--since", default="all", metavar="DURATION",
+                    help="flows that ended within DURATION (90s, 10m, 2h, 1d) or all (%(default)s)")
+    tp.add_argument("-n", type=int, default=10, dest="limit", metavar="N", help="rows (%(default)s)")
+    tp.add_argument("-o", "--output", choices=("text", "json"), default="text")
     tp.set_defaults(func=top_main)
 
 
 def account_main(a: argparse.Namespace) -> int:
-    raise NotImplementedError("ctstream account")
+    from .db import parse_url
+
+    target = parse_url(a.db)
+    if a.report:
+        return _report(a, target)
+    if not a.kafka or not a.topic:
+        raise ConfigError("account needs --kafka HOST:PORT and --topic NAME (or --report)")
+    from ..producer import KafkaSettings
+
+    settings = KafkaSettings(bootstrap=a.kafka, topic=a.topic).validate()
+    if not 0 < a.kafka_timeout <= 3600:
+        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
+    stats = asyncio.run(_account(a, settings, target))
+    counts = stats.as_dict()
+    if a.output == "json":
+        print(json.dumps(counts))
+    print(f"ctstream: accounted {stats.records} records in {stats.batches} transaction(s): "
+          f"{stats.flows} flows, {stats.events} events, {stats.duplicates} duplicates, "
+          f"{stats.snapshots} snapshots, {stats.lost} LOST, {stats.rejected} rejected"
+          + (f", {stats.conflicts} conflicting DESTROYs" if stats.conflicts else "")
+          + f" (partitions {','.join(map(str, stats.partitions)) or 'none'})", file=sys.stderr)
+    return 0
+
+
+async def _account(a: argparse.Namespace, settings, target):
+    from .consumer import consume
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ctstream: accounting topic {a.topic} from {a.kafka} into {target} (group {a.group})"
+          + (f" until idle for {a.until_idle:g}s" if a.until_idle else "; Ctrl-C to stop"),
+          file=sys.stderr)
+    return await consume(settings, target, group=a.group, stop=stop, until_idle=a.until_idle,
+                         connect_timeout_s=a.kafka_timeout, session_timeout_s=a.session_timeout)
+
+
+def _report(a: argparse.Namespace, target) -> int:
+    from .report import format_text, gap_report
+
+    if not a.horizon > 0:
+        raise ConfigError(f"--horizon must be a positive number of seconds, got {a.horizon}")
+    rep = gap_report(target, a.horizon)
+    if a.output == "json":
+        print(json.dumps(rep))
+    else:
+        print("\n".join(format_text(rep)))
+    return 0
 
 
 def top_main(a: argparse.Namespace) -> int:
-    raise NotImplementedError("ctstream top")
+    from .db import parse_url
+    from .top import parse_duration, top_talkers
+
+    parse_url(a.db)
+    since = parse_duration(a.since)
+    rows = top_talkers(a.db, a.by, since, a.limit)
+    if a.output == "json":
+        print(json.dumps(rows))
+        return 0
+    head = {"src": "SOURCE", "dst": "DESTINATION", "port": "PORT"}[a.by]
+    width = max([len(head)] + [len(str(r["talker"])) for r in rows])
+    print(f"{head.ljust(width)}  {'BYTES':>14}  {'PACKETS':>11}  {'FLOWS':>8}  {'OUT/IN BYTES':>23}")
+    for r in rows:
+        print(f"{str(r['talker']).ljust(width)}  {r['bytes']:>14,}  {r['packets']:>11,}  "
+              f"{r['flows']:>8,}  {r['bytes_orig']:>11,}/{r['bytes_reply']:<11,}")
+    if not rows:
+        print("ctstream: no flows in that window", file=sys.stderr)
+    return 0

@@ -1,0 +1,353 @@
+"""The accounting consumer: a Kafka consumer group that applies the stream to
+the accounting database exactly once.
+
+Python API (what `ctstream account` and the pipeline demo call):
+
+    stats = await consume(KafkaSettings(bootstrap="127.0.0.1:19092", topic="ct"),
+                          "sqlite:/tmp/acct.db", group="ctstream-account",
+                          stop=asyncio.Event(), until_idle=3.0)
+    stats.flows, stats.events, stats.duplicates, ...   # AccountStats
+
+`consume` returns when `stop` is set (after the batch in hand is committed),
+or, with `until_idle`, once every partition assigned to it is read up to its
+end and nothing arrived for `until_idle` seconds. It raises ConfigError for
+bad settings or an unknown topic, DatabaseError (a StreamerError) when the
+database cannot be reached or written, and KafkaUnavailable when Kafka
+cannot be reached within `connect_timeout_s`.
+
+How exactly once is kept:
+- Kafka's auto-commit is off and nothing is committed to Kafka: each batch
+  that getmany() returns is applied in ONE database transaction that also
+  stores, per partition, the offset after the batch's last record
+  (ledger.apply). The rows and the offsets are committed together or not at
+  all, whatever kills the process.
+- When the group assigns partitions to this consumer, it seeks each one to
+  the offset stored in the database (the beginning if none is stored), so the
+  database, not Kafka, says where to resume.
+- Records read twice anyway (a consumer that lost its partitions in a
+  rebalance but still commits its last batch; the producer's own retries; a
+  DESTROY re-emitted by the datapath) are removed by the dedupe key
+  (nodeId, ctId, seq) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import aiokafka
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from ..errors import ConfigError, StreamerError
+from ..producer import KafkaSettings, KafkaUnavailable
+from . import ledger
+from .db import Database, open_database, parse_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "ctstream-account"
+# Records per transaction at most (aiokafka's max_records of one getmany).
+BATCH_RECORDS = 5000
+POLL_MS = 500
+CONNECT_BACKOFF_S = 0.5
+TOPIC_GRACE_S = 2.0
+
+
+@dataclass
+class AccountStats:
+    """What one consume() call did (ledger.BatchResult summed over its
+    batches), and the partitions it held last."""
+
+    records: int = 0
+    events: int = 0
+    duplicates: int = 0
+    flows: int = 0
+    snapshots: int = 0
+    lost: int = 0
+    rejected: int = 0
+    conflicts: int = 0
+    batches: int = 0
+    partitions: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, res: ledger.BatchResult) -> None:
+        for k, v in res.as_dict().items():
+            setattr(self, k, getattr(self, k) + v)
+        self.batches += 1
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _Assignment(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the offsets stored in the database.
+
+    The partitions are paused first, synchronously: aiokafka would otherwise
+    start fetching them from Kafka's committed offset or its reset policy
+    while the stored offsets are being read, and a batch from the wrong
+    place would be applied (and its offset stored). aiokafka only logs a
+    listener's exceptions; the consume loop re-raises the one kept in
+    `failure`."""
+
+    def __init__(self, run: "_Run"):
+        self.run = run
+        self.generations = 0
+        self.failure: BaseException | None = None
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        # Nothing to commit: each batch committed its offsets with its rows.
+        if revoked:
+            log.info("partitions %s of %s revoked", _plist(revoked), self.run.topic)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        consumer = self.run.consumer
+        mine = [tp for tp in assigned if tp.topic == self.run.topic]
+        consumer.pause(*mine)
+        try:
+            await self._seek(mine)
+        except BaseException as exc:
+            self.failure = exc       # the partitions stay paused
+            raise
+        else:
+            consumer.resume(*mine)
+        finally:
+            self.generations += 1
+            self.run.changed()
+
+    async def _seek(self, mine) -> None:
+        consumer = self.run.consumer
+        parts = sorted(tp.partition for tp in mine)
+        stored = await self.run.db_call(
+            self.run.db.transaction, ledger.stored_offsets, self.run.topic, parts)
+        for tp in mine:
+            if tp.partition in stored:
+                consumer.seek(tp, stored[tp.partition])
+            else:
+                await consumer.seek_to_beginning(tp)
+        self.run.next_offset = {tp.partition: await consumer.position(tp) for tp in mine}
+        self.run.partitions = parts
+        log.info("assigned partitions %s of %s; resuming at %s", _plist(mine), self.run.topic,
+                 ", ".join(f"{p}:{stored.get(p, 'beginning')}" for p in parts) or "-")
+
+
+def _plist(tps) -> str:
+    return ",".join(str(p) for p in sorted(tp.partition for tp in tps)) or "none"
+
+
+class _Run:
+    def __init__(self, settings: KafkaSettings, db: Database, group: str):
+        self.settings = settings
+        self.topic = settings.topic
+        self.db = db
+        self.group = group
+        self.consumer: aiokafka.AIOKafkaConsumer | None = None
+        self.partitions: list[int] = []
+        # Per assigned partition, the offset the next applied record must
+        # have at least (set by the seek): older ones were fetched before it.
+        self.next_offset: dict[int, int] = {}
+        self.last_change = time.monotonic()
+        # One thread owns the database connection; calls queue in order.
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctstream-db")
+
+    def changed(self) -> None:
+        self.last_change = time.monotonic()
+
+    async def db_call(self, fn, *args):
+        # A transaction in the worker thread is never abandoned half way:
+        # cancelling the caller waits for it to finish.
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
+
+
+async def consume(settings: KafkaSettings, db_url: str, *, group: str = DEFAULT_GROUP,
+                  stop: asyncio.Event | None = None, until_idle: float | None = None,
+                  connect_timeout_s: float = 15.0, session_timeout_s: float = 10.0) -> AccountStats:
+    """Consume `settings.topic` into the database at `db_url` (see the module
+    docstring). `group` is the Kafka consumer group; consumers with the same
+    group split the partitions."""
+    target = parse_url(db_url)
+    settings.validate()
+    if not group or len(group) > 249:
+        raise ConfigError(f"consumer group must be 1..249 characters, got {group!r}")
+    if until_idle is not None and not 0 < until_idle <= 86_400:
+        raise ConfigError(f"--until-idle must be in (0, 86400] seconds, got {until_idle}")
+    if not 6 <= session_timeout_s <= 300:
+        raise ConfigError(f"--session-timeout must be in [6, 300] seconds (the broker's "
+                          f"default bounds), got {session_timeout_s}")
+    stop = stop or asyncio.Event()
+    started = time.monotonic()
+    stats = AccountStats()
+    db = await asyncio.to_thread(open_database, target)
+    run = _Run(settings, db, group)
+    try:
+        run.consumer = await _start_consumer(settings, group, connect_timeout_s, session_timeout_s)
+        try:
+            listener = _Assignment(run)
+            run.consumer.subscribe([settings.topic], listener=listener)
+            await _loop(run, listener, stats, stop, until_idle)
+        finally:
+            try:
+                async with asyncio.timeout(10):
+                    await run.consumer.stop()   # leaves the group: others take over at once
+            except Exception as exc:
+                log.debug("stopping the Kafka consumer: %r", exc)
+    finally:
+        await run.db_call(db.close)
+        run.pool.shutdown(wait=True)
+    stats.partitions = run.partitions
+    stats.seconds = round(time.monotonic() - started, 3)
+    return stats
+
+
+async def _loop(run: _Run, listener: _Assignment, stats: AccountStats, stop: asyncio.Event,
+                until_idle: float | None) -> None:
+    consumer = run.consumer
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            fetch = asyncio.create_task(consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH_RECORDS))
+            await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+                break
+            if listener.failure is not None:
+                raise _as_streamer_error(listener.failure)
+            try:
+                batch = fetch.result()
+            except KafkaError as exc:
+                raise KafkaUnavailable(f"Kafka consumer failed: {exc}") from exc
+            if any(batch.values()):
+                await _apply(run, batch, stats)
+                run.changed()
+                continue
+            if until_idle is not None and listener.generations > 0 \
+                    and time.monotonic() - run.last_change >= until_idle \
+                    and await _caught_up(consumer, timeout_s=5.0):
+                log.info("caught up and idle for %gs: stopping", until_idle)
+                break
+    finally:
+        stopping.cancel()
+
+
+async def _apply(run: _Run, batch: dict, stats: AccountStats) -> None:
+    messages, ends = [], {}
+    for tp, msgs in batch.items():
+        floor = run.next_offset.get(tp.partition)
+        if floor is None:
+            continue   # fetched before a rebalance took the partition away
+        fresh = [m for m in msgs if m.offset >= floor]
+        if fresh:
+            messages += fresh
+            ends[tp.partition] = fresh[-1].offset + 1
+    if not messages:
+        return
+    prepared = ledger.prepare(messages)
+    offsets = ledger.Offsets(run.topic, run.group, ends)
+    res = await run.db_call(run.db.transaction, ledger.apply, prepared, offsets)
+    for p, end in ends.items():
+        if p in run.next_offset:
+            run.next_offset[p] = max(run.next_offset[p], end)
+    stats.add(res)
+    log.debug("batch: %s", res)
+
+
+async def _caught_up(consumer: aiokafka.AIOKafkaConsumer, timeout_s: float) -> bool:
+    """Every assigned partition read to its end (False while that cannot be
+    told: a rebalance, Kafka away)."""
+    tps = consumer.assignment()
+    if not tps:
+        return True
+    try:
+        async with asyncio.timeout(timeout_s):
+            ends = await consumer.end_offsets(list(tps))
+            for tp in tps:
+                if await consumer.position(tp) < ends[tp]:
+                    return False
+    except (KafkaError, KeyError, AssertionError, StreamerError, TimeoutError) as exc:
+        log.debug("cannot tell whether the consumer caught up: %r", exc)
+        return False
+    return True
+
+
+def _as_streamer_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, StreamerError):
+        return exc
+    return StreamerError(f"could not seek the assigned partitions: {exc!r}")
+
+
+async def _start_consumer(settings: KafkaSettings, group: str, timeout_s: float,
+                          session_timeout_s: float) -> aiokafka.AIOKafkaConsumer:
+    ctx = settings.ssl_context()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    session_ms = int(session_timeout_s * 1000)
+    while True:
+        consumer = aiokafka.AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-account",
+            group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(500, session_ms // 6),
+            request_timeout_ms=max(settings.request_timeout_ms, session_ms + 5000),
+            max_poll_records=BATCH_RECORDS,
+            security_protocol=settings.security_protocol, ssl_context=ctx,
+            sasl_mechanism=settings.sasl_mechanism or "PLAIN",
+            sasl_plain_username=settings.sasl_username, sasl_plain_password=settings.sasl_password)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await consumer.start()
+                await _check_topic(consumer, settings, deadline)
+            return consumer
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await _stop_quietly(consumer)
+            if loop.time() + CONNECT_BACKOFF_S >= deadline:
+                why = await _why_unreachable(settings, exc)
+                raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap} within "
+                                       f"{timeout_s:g}s: {why}") from exc
+            await asyncio.sleep(CONNECT_BACKOFF_S)
+        except BaseException:
+            await _stop_quietly(consumer)
+            raise
+
+
+async def _check_topic(consumer, settings: KafkaSettings, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = min(deadline, loop.time() + TOPIC_GRACE_S)
+    while settings.topic not in await consumer.topics():
+        if loop.time() >= give_up:
+            raise ConfigError(f"topic {settings.topic} does not exist on {settings.bootstrap}: "
+                              f"create it, e.g. scripts/kafka.sh topic create {settings.topic}")
+        await asyncio.sleep(0.2)
+
+
+async def _stop_quietly(consumer) -> None:
+    try:
+        async with asyncio.timeout(5):
+            await consumer.stop()
+    except Exception as exc:
+        log.debug("closing a failed Kafka consumer: %r", exc)
+
+
+async def _why_unreachable(settings: KafkaSettings, exc: BaseException) -> str:
+    reasons = []
+    for host, port in settings.bootstrap_hosts():
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+        except TimeoutError:
+            reasons.append(f"{host}:{port}: no answer within 1s")
+        except OSError as err:
+            reasons.append(f"{host}:{port}: {os.strerror(err.errno) if err.errno else err}")
+    if reasons:
+        return "; ".join(reasons)
+    return f"the TCP connection works but Kafka did not answer as expected ({exc!r})"

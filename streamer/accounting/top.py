@@ -1,0 +1,104 @@
+"""Top talkers from the per-minute rollups, and totals of the flow table.
+
+Python API (for `ctstream top` and the pipeline demo):
+
+    top_talkers("sqlite:/tmp/acct.db", by="src", since_s=600, limit=10)
+        -> [{"talker": "198.18.0.1", "src": "198.18.0.1", "bytes": 123456,
+             "bytes_orig": ..., "bytes_reply": ..., "packets": ..., "flows": ...}, ...]
+    flow_count("sqlite:/tmp/acct.db") -> 300
+    flow_totals("sqlite:/tmp/acct.db") -> {"flows": ..., "packets": ..., "bytes": ...}
+
+`by` is "src" (initiator address), "dst" (responder address) or "port" (the
+protocol and the responder's port; rows carry "protocol" and "port", and
+"talker" reads like "tcp/443"). Bytes and packets count both directions.
+Ordered by bytes, then packets, then the talker. `since_s` (None: all time)
+keeps flows that ended within the last since_s seconds, at the rollups'
+one-minute granularity: a minute that overlaps the window counts whole.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import ConfigError
+from .db import Database, DbTarget, open_database
+
+BY = ("src", "dst", "port")
+PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+
+def top_talkers(db_url: "str | DbTarget | Database", by: str = "src", since_s: float | None = None,
+                limit: int = 10, now_ms: int | None = None) -> list[dict]:
+    if by not in BY:
+        raise ConfigError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"-n must be a positive number of rows, got {limit!r}")
+    if since_s is not None and not since_s > 0:
+        raise ConfigError(f"--since must be a positive duration, got {since_s!r}")
+    group = {"src": "src", "dst": "dst", "port": "protocol, dport"}[by]
+    where, params = "", []
+    if since_s is not None:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        # The minute [m, m + 60 s) overlaps the window when m + 60 s > start.
+        where = "WHERE minute_ms > ?"
+        params.append(now_ms - int(since_s * 1000) - 60_000)
+    sql = (f"SELECT {group}, CAST(SUM(bytes_orig) AS BIGINT), CAST(SUM(bytes_reply) AS BIGINT), "
+           f"CAST(SUM(packets_orig + packets_reply) AS BIGINT), CAST(SUM(flows) AS BIGINT) "
+           f"FROM rollups {where} GROUP BY {group} "
+           f"ORDER BY SUM(bytes_orig + bytes_reply) DESC, SUM(packets_orig + packets_reply) DESC, "
+           f"{group} LIMIT ?")
+    params.append(limit)
+    rows = _query(db_url, sql, params)
+    out = []
+    for row in rows:
+        if by == "port":
+            proto, port = row[0], row[1]
+            head = {"talker": f"{PROTOCOL_NAMES.get(proto, proto)}/{port}", "protocol": proto,
+                    "port": port}
+            nums = row[2:]
+        else:
+            head = {"talker": row[0], by: row[0]}
+            nums = row[1:]
+        bo, br, packets, flows = (int(v) for v in nums)
+        out.append(head | {"bytes": bo + br, "bytes_orig": bo, "bytes_reply": br,
+                           "packets": packets, "flows": flows})
+    return out
+
+
+def flow_count(db_url: str | Database) -> int:
+    """Finished flows accounted (rows of the flow table)."""
+    return int(_query(db_url, "SELECT COUNT(*) FROM flows", ())[0][0])
+
+
+def flow_totals(db_url: str | Database) -> dict:
+    """Flows, packets and bytes (both directions) of the flow table."""
+    row = _query(db_url, "SELECT COUNT(*), CAST(COALESCE(SUM(packets_orig + packets_reply), 0) AS BIGINT), "
+                         "CAST(COALESCE(SUM(bytes_orig + bytes_reply), 0) AS BIGINT) FROM flows", ())[0]
+    return {"flows": int(row[0]), "packets": int(row[1]), "bytes": int(row[2])}
+
+
+def _query(db_url, sql: str, params) -> list[tuple]:
+    if isinstance(db_url, Database):
+        return db_url.query(sql, params)
+    db = open_database(db_url, create=False)
+    try:
+        return db.query(sql, params)
+    finally:
+        db.close()
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of "90", "90s", "10m", "2h", "1d"; None for "all"."""
+    t = text.strip().lower()
+    if t in ("all", "0"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    mult = units.get(t[-1:], None)
+    number = t[:-1] if mult else t
+    try:
+        value = float(number) * (mult or 1)
+    except ValueError:
+        raise ConfigError(f"expected a duration like 90s, 10m, 2h, 1d or all, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(f"expected a positive duration, got {text!r}")
+    return value
