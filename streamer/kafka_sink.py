@@ -275,5 +275,6 @@ class KafkaSink(Sink):
             "spool_refused_events": self.spool_refused,
             "pending": len(self._pending),
             "time": time.time(),
+            **(self.archive.stats() if self.archive is not None else {"archive_dir": None}),
         }
 
