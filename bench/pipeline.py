@@ -148,7 +148,7 @@ def wait(what: str, predicate, timeout: float, proc: subprocess.Popen, interval:
 
 def run_variant(args, name: str, extra: list[str], pair, bootstrap: str, broker_pid: int,
                 workdir: Path) -> dict:
-    topic = f"ctstream.pipe.{name}"
+    topic = f"ctstream.pipe.{workdir.name}"   # one topic per run: the end offsets count it
     made = kafka_sh("topic", "create", topic, "--partitions", str(args.partitions),
                     "--dir", str(args.dir))
     if made.returncode != 0:
