@@ -87,7 +87,9 @@ def account_main(a: argparse.Namespace) -> int:
           f"{stats.flows} flows, {stats.events} events, {stats.duplicates} duplicates, "
           f"{stats.snapshots} snapshots, {stats.lost} LOST, {stats.rejected} rejected"
           + (f", {stats.conflicts} conflicting DESTROYs" if stats.conflicts else "")
-          + f" (partitions {','.join(map(str, stats.partitions)) or 'none'})", file=sys.stderr)
+          + f"; records by partition: "
+          + (" ".join(f"{p}:{n}" for p, n in sorted(stats.by_partition.items())) or "none"),
+          file=sys.stderr)
     return 0
 
 

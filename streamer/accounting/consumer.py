@@ -73,7 +73,10 @@ class AccountStats:
     rejected: int = 0
     conflicts: int = 0
     batches: int = 0
-    partitions: list[int] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)   # held at the end
+    # Records applied per partition (a partition held for a while but
+    # already read to its end does not appear).
+    by_partition: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def add(self, res: ledger.BatchResult) -> None:
@@ -82,7 +85,9 @@ class AccountStats:
         self.batches += 1
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["by_partition"] = {str(p): n for p, n in sorted(self.by_partition.items())}
+        return d
 
 
 class _Assignment(ConsumerRebalanceListener):
@@ -258,6 +263,8 @@ async def _apply(run: _Run, batch: dict, stats: AccountStats) -> None:
     for p, end in ends.items():
         if p in run.next_offset:
             run.next_offset[p] = max(run.next_offset[p], end)
+    for m in messages:
+        stats.by_partition[m.partition] = stats.by_partition.get(m.partition, 0) + 1
     stats.add(res)
     log.debug("batch: %s", res)
 
