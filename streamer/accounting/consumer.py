@@ -195,7 +195,16 @@ async def consume(settings: KafkaSettings, db_url: str, *, group: str = DEFAULT_
     db = await asyncio.to_thread(open_database, target)
     run = _Run(settings, db, group)
     try:
-        run.consumer = await _start_consumer(settings, group, connect_timeout_s, session_timeout_s)
+        starting = asyncio.create_task(
+            _start_consumer(settings, group, connect_timeout_s, session_timeout_s))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():          # stopped while still connecting
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return stats
+        run.consumer = starting.result()
         try:
             listener = _Assignment(run)
             run.consumer.subscribe([settings.topic], listener=listener)

@@ -151,12 +151,33 @@ async def test_sigkill_mid_stream_then_restart_neither_loses_nor_double_counts(
     got = {(n, wire_ct_id(c)) for n, c in query(db_url, "SELECT node_id, ct_id FROM flows")}
     assert got == before
 
-    # Duplicates of some of both parts arrive too; the restart finishes the job.
+    # Duplicates of some of both parts arrive too; the restart finishes the
+    # job, and stops cleanly on SIGTERM with the offsets at the topic's end.
     await produce(kafka_broker.bootstrap, topic,
                   encoded([f.event(f.events - 1, retries=1) for f in first[:50] + second[-50:]]))
-    stats = await asyncio.to_thread(run_account, kafka_broker, topic, db_url, "--group", group)
-    assert stats["flows"] == len(first) + len(second) - at_kill
-    check_exactly(db_url, first + second, events_applied=3 * (len(first) + len(second)))
+    total = len(first) + len(second)
+    ends = await end_offsets(kafka_broker, topic, partitions)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(account_argv(kafka_broker, topic, db_url, "--group", group,
+                                             "-o", "json"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        await wait_for(lambda: flows_in(db_url) == total, 60, log)
+        await wait_for(lambda: offsets_at_end(db_url, ends), 30, log)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
+    stats = json.loads(out)
+    assert stats["flows"] == total - at_kill
+    # It resumed exactly where the killed one's last commit left off.
+    assert stats["records"] == sum(ends.values()) - sum(stored.values())
+    assert stats["duplicates"] == 100
+    check_exactly(db_url, first + second, events_applied=3 * total)
+    assert offsets_at_end(db_url, ends)
 
 
 async def test_two_consumers_in_one_group_split_the_partitions(kafka_broker, db_url, tmp_path):
@@ -192,6 +213,20 @@ async def test_two_consumers_in_one_group_split_the_partitions(kafka_broker, db_
     assert stats[0]["flows"] + stats[1]["flows"] == len(flows)
     assert stats[0]["duplicates"] + stats[1]["duplicates"] == 0
     check_exactly(db_url, flows, events_applied=3 * len(flows))
+
+
+async def end_offsets(broker, topic: str, partitions: int) -> dict[int, int]:
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+    finally:
+        await consumer.stop()
+    return {tp.partition: off for tp, off in ends.items()}
+
+
+def offsets_at_end(db_url: str, ends: dict[int, int]) -> bool:
+    return dict(query(db_url, "SELECT kpartition, next_offset FROM kafka_offsets")) == ends
 
 
 def assigned(log) -> set[int] | None:
