@@ -10,10 +10,11 @@ What each record does:
   to its rollup (the minute of the flow's end) and closes its open-flow
   state. A new CREATE or UPDATE of a flow that has not ended updates its
   open-flow state.
-- SNAPSHOT is not an event (it repeats the entry's current seq): it updates
-  the open-flow state of a flow that has not ended, unless that state is
-  already as new (an upsert guarded by seq, so applying it twice is
-  harmless). It never makes flows or rollups.
+- SNAPSHOT is not an event (its seq is that of the connection's next event,
+  schemas/README.md): it sets the open-flow state of a flow that has not
+  ended, unless that state is as new already (an event with the snapshot's
+  seq or a higher one); applying it twice changes nothing. It never goes
+  into the dedupe set and never makes flows or rollups.
 - LOST is kept in `lost_reports`, once per (nodeId, seq).
 - Anything that is not a valid record (not msgpack, another schema version,
   a missing field) goes to `rejected_records` with its partition and offset,
@@ -308,13 +309,13 @@ def apply(cur, batch: _Prepared, offsets: Offsets, now_ms: int | None = None) ->
 
 
 def _update_open_flows(cur, new, snapshots, ended: set, now_ms: int) -> None:
-    """The newest state (highest seq) per flow that has not ended."""
+    """The newest state per flow that has not ended (see _newer)."""
     latest: dict[tuple, tuple] = {}
     for key, rec in new:
         if rec["eventType"] != "DESTROY":
-            _keep_newest(latest, key[:2], rec, None)
+            _keep_newest(latest, key[:2], rec)
     for flow, rec in snapshots:
-        _keep_newest(latest, flow, rec, rec["seq"])
+        _keep_newest(latest, flow, rec)
     rows = []
     for flow, (rec, snap_seq) in sorted(latest.items()):
         if flow in ended:
@@ -323,6 +324,7 @@ def _update_open_flows(cur, new, snapshots, ended: set, now_ms: int) -> None:
                     + _flow_fields(rec, family_of(rec))
                     + (rec["flowStartMilliseconds"], rec["flowEndMilliseconds"],
                        rec.get("observationTimeMilliseconds") or now_ms, rec["tcpState"]))
+    # The WHERE is _newer in SQL, against what earlier batches stored.
     cur.executemany(
         "INSERT INTO open_flows (node_id, ct_id, last_seq, last_type, snapshot_seq, family, "
         "protocol, src, dst, sport, dport, vlan, packets_orig, packets_reply, bytes_orig, "
@@ -335,15 +337,28 @@ def _update_open_flows(cur, new, snapshots, ended: set, now_ms: int) -> None:
         "bytes_orig = excluded.bytes_orig, bytes_reply = excluded.bytes_reply, "
         "last_ms = excluded.last_ms, observed_ms = excluded.observed_ms, "
         "tcp_state = excluded.tcp_state "
-        "WHERE excluded.last_seq >= open_flows.last_seq", rows)
+        "WHERE excluded.last_seq > open_flows.last_seq "
+        "OR (excluded.last_seq = open_flows.last_seq "
+        "AND (excluded.last_type <> 'SNAPSHOT' OR open_flows.last_type = 'SNAPSHOT'))", rows)
 
 
-def _keep_newest(latest: dict, flow: tuple, rec: dict, snap_seq: int | None) -> None:
+def _newer(rec: dict, have: dict) -> bool:
+    """Whether `rec` is newer state than `have` (schemas/README.md): a
+    SNAPSHOT's seq is that of the connection's NEXT event, so an event with
+    the snapshot's seq is newer than it, and a snapshot with an event's seq
+    is older. Equal kinds with equal seqs: the same state, either will do."""
+    if rec["seq"] != have["seq"]:
+        return rec["seq"] > have["seq"]
+    return rec["eventType"] != "SNAPSHOT" or have["eventType"] == "SNAPSHOT"
+
+
+def _keep_newest(latest: dict, flow: tuple, rec: dict) -> None:
     have = latest.get(flow)
-    if have is None or rec["seq"] >= have[0]["seq"]:
-        if have is not None and snap_seq is None:
-            snap_seq = have[1]
+    snap_seq = rec["seq"] if rec["eventType"] == "SNAPSHOT" else None
+    if have is None:
         latest[flow] = (rec, snap_seq)
+    elif _newer(rec, have[0]):
+        latest[flow] = (rec, snap_seq if snap_seq is not None else have[1])
 
 
 def store_offsets(cur, offsets: Offsets, now_ms: int) -> None:

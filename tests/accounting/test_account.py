@@ -277,7 +277,7 @@ async def test_gap_report_finds_seq_gaps_and_unfinished_flows(kafka_broker, db_u
     recs += [ring.event(0), ring.event(3, missedEvents=2), ring.event(4)]  # 1, 2: the ring's
     recs += [unfinished.event(0), unfinished.event(1)]                # no DESTROY for 10 min
     recs += [live.event(0)]                                           # open, but recent
-    recs += [refreshed.event(0), refreshed.event(0, "SNAPSHOT", observationTimeMilliseconds=now)]
+    recs += [refreshed.event(0), refreshed.event(1, "SNAPSHOT", observationTimeMilliseconds=now)]
     recs += done.all_events() + [done.event(4, "SNAPSHOT")]           # finished, then a snapshot
     recs += [lost("gw-a", 1, ring_full=2), lost("gw-a", 2, ring_full=7, table_full=1)]
     await produce(kafka_broker.bootstrap, topic, encoded(recs))

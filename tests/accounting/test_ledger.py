@@ -62,31 +62,42 @@ def open_flow(db_url, f: Flow):
 
 
 def test_snapshot_is_an_idempotent_upsert_of_open_state(feed, db_url):
+    # A SNAPSHOT's seq is the connection's next event's (schemas/README.md).
     f = flow(1, events=4)
     res = feed.apply([f.event(0), f.event(1)])
     assert (res.events, res.flows, res.snapshots) == (2, 0, 0)
-    snap = f.event(1, "SNAPSHOT", initiatorPackets=50)
+    snap = f.event(2, "SNAPSHOT", initiatorPackets=50)
     for _ in range(2):                       # twice: the same state
         res = feed.apply([snap])
         assert (res.events, res.duplicates, res.snapshots) == (0, 0, 1)
-        assert open_flow(db_url, f) == (1, "SNAPSHOT", 1, 50, f.counters(1)[3])
-    # An older snapshot (a stale replay) does not take the state back.
-    feed.apply([f.event(0, "SNAPSHOT", initiatorPackets=1)])
+        assert open_flow(db_url, f) == (2, "SNAPSHOT", 2, 50, f.counters(2)[3])
+    # An older snapshot (a stale replay) does not take the state back; nor
+    # does one with the seq of an event already held (the event is newer).
+    feed.apply([f.event(1, "SNAPSHOT", initiatorPackets=1)])
     assert open_flow(db_url, f)[3] == 50
     # Snapshots are not events: not in the dedupe set, no rows, no rollups.
     assert query(db_url, "SELECT COUNT(*) FROM flow_events")[0][0] == 2
     assert query(db_url, "SELECT COUNT(*) FROM flows")[0][0] == 0
     assert query(db_url, "SELECT COUNT(*) FROM rollups")[0][0] == 0
-    # The next event wins over the snapshot; the DESTROY closes the flow.
-    feed.apply([f.event(2)])
-    assert open_flow(db_url, f)[:3] == (2, "UPDATE", 1)
+    # The event with the snapshot's seq is newer than the snapshot and is
+    # not taken for a duplicate of it.
+    res = feed.apply([f.event(2)])
+    assert (res.events, res.duplicates) == (1, 0)
+    assert open_flow(db_url, f) == (2, "UPDATE", 2, f.counters(2)[0], f.counters(2)[3])
+    feed.apply([snap])
+    assert open_flow(db_url, f)[:2] == (2, "UPDATE")
+    # In one batch too: the event wins over the snapshot of the same seq.
+    g = flow(2, events=4)
+    feed.apply([g.event(0), g.event(1, "SNAPSHOT", initiatorPackets=77), g.event(1)])
+    assert open_flow(db_url, g)[:4] == (1, "UPDATE", None, g.counters(1)[0])
+    # The DESTROY closes the flow; a snapshot of a finished flow does not
+    # bring it back.
     res = feed.apply([f.event(3)])
     assert (res.events, res.flows) == (1, 1)
     assert open_flow(db_url, f) is None
-    # A snapshot of a finished flow does not bring it back.
-    res = feed.apply([f.event(2, "SNAPSHOT")])
+    res = feed.apply([f.event(3, "SNAPSHOT")])
     assert res.snapshots == 1 and open_flow(db_url, f) is None
-    check_exactly(db_url, [f], events_applied=4)
+    check_exactly(db_url, [f], events_applied=4 + 2)   # and g's two
 
 
 def test_duplicates_in_and_across_batches(feed, db_url):
