@@ -4,7 +4,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-scale clean
+.PHONY: setup demo test bench bench-scale bench-pipeline clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,6 +23,10 @@ bench: setup
 # see bench/README.md "Table scale". Extra arguments: BENCH_ARGS=--quick
 bench-scale: setup
 	$(PY) bench/table_scale.py $(BENCH_ARGS)
+
+# ctstream run end to end with a real broker (about 4 min): bench/README.md.
+bench-pipeline: setup
+	$(PY) bench/pipeline.py --variants default,no-archive,lz4 --rounds 2 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info
