@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .db import DEFAULT_URL
 from .report import DEFAULT_HORIZON_S
 
+MAX_HORIZON_S = 366 * 86400
 _DB_HELP = ("sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
             "(default %(default)s)")
 
@@ -110,8 +111,10 @@ async def _account(a: argparse.Namespace, settings, target):
 def _report(a: argparse.Namespace, target) -> int:
     from .report import format_text, gap_report
 
-    if not a.horizon > 0:
-        raise ConfigError(f"--horizon must be a positive number of seconds, got {a.horizon}")
+    # Bounded: an infinite or huge horizon overflowed into a misleading
+    # database error (exit 1) instead of a bad-value one.
+    if not 0 < a.horizon <= MAX_HORIZON_S:
+        raise ConfigError(f"--horizon must be in (0, {MAX_HORIZON_S}] seconds, got {a.horizon}")
     rep = gap_report(target, a.horizon)
     if a.output == "json":
         print(json.dumps(rep))
