@@ -25,6 +25,7 @@ from .db import Database, DbTarget, open_database
 
 BY = ("src", "dst", "port")
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+MAX_SINCE_S = 100 * 366 * 86400
 
 
 def top_talkers(db_url: "str | DbTarget | Database", by: str = "src", since_s: float | None = None,
@@ -99,6 +100,8 @@ def parse_duration(text: str) -> float | None:
         value = float(number) * (mult or 1)
     except ValueError:
         raise ConfigError(f"expected a duration like 90s, 10m, 2h, 1d or all, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(f"expected a positive duration, got {text!r}")
+    # Bounded: a huge value (1e300s) overflowed the database's integers.
+    if not 0 < value <= MAX_SINCE_S:
+        raise ConfigError(f"expected a positive duration up to {MAX_SINCE_S // 86400} days "
+                          f"(or all), got {text!r}")
     return value
