@@ -135,20 +135,27 @@ def parse_time(text: str, now: float, what: str = "time") -> int:
         return int(now * 1000)
     m = _RELATIVE.fullmatch(t)
     if m:
-        return int((now - float(m.group(1)) * _UNITS[m.group(2).lower()]) * 1000)
-    if _EPOCH.fullmatch(t):
+        back = float(m.group(1)) * _UNITS[m.group(2).lower()]    # may be inf
+        ms = int((now - back) * 1000) if back <= now else -1
+    elif _EPOCH.fullmatch(t):
         seconds = float(t)
         if seconds >= _EPOCH_MS_ABOVE:
             raise ConfigError(f"{what} {text!r}: epoch time in seconds, please (this looks "
                               f"like milliseconds)")
-        return int(seconds * 1000)
-    try:
-        when = datetime.datetime.fromisoformat(t)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a time: give ISO 8601 "
-                          f"(2024-05-01T12:00:00Z), epoch seconds, 'now' or a relative time "
-                          f"like -10m") from None
-    return int(when.timestamp() * 1000)     # naive: local time, as timestamp() takes it
+        ms = int(seconds * 1000)
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(t)
+        except ValueError:
+            raise ConfigError(f"{what} {text!r} is not a time: give ISO 8601 "
+                              f"(2024-05-01T12:00:00Z), epoch seconds, 'now' or a relative "
+                              f"time like -10m") from None
+        ms = int(when.timestamp() * 1000)    # naive: local time, as timestamp() takes it
+    # Nothing was archived before 1970; _iso() of a time before year 1
+    # (-100000000d) raised a traceback instead of this line.
+    if ms < 0:
+        raise ConfigError(f"{what} {text!r} is before 1970")
+    return ms
 
 
 def _iso(ms: int) -> str:
