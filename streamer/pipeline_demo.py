@@ -144,9 +144,9 @@ async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
 
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                          enable_auto_commit=False)
-    await consumer.start()
     destroys, by_type = set(), {}
     try:
+        await consumer.start()       # in the try: a failed start is stopped too
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
