@@ -311,6 +311,12 @@ class SqliteDatabase(Database):
     def __init__(self, target: DbTarget, *, create: bool):
         super().__init__(target)
         path = target.path
+        # IMMEDIATE takes the write lock at once, so two writers queue
+        # instead of failing at their first write. Readers (top, the
+        # report: create=False) only read: a deferred BEGIN takes no write
+        # lock, so in WAL mode they neither wait for the consumer's
+        # transaction nor hold it up (IMMEDIATE made them do both).
+        self._begin = "BEGIN IMMEDIATE" if create else "BEGIN"
         if not create and not os.path.exists(path):
             raise DatabaseError(f"no accounting database at {path} (run ctstream account first)")
         if create:
@@ -345,9 +351,7 @@ class SqliteDatabase(Database):
 
     def _run_transaction(self, fn, *args):
         cur = self.conn.cursor()
-        # IMMEDIATE takes the write lock now, so two writers queue instead
-        # of failing at their first write.
-        cur.execute("BEGIN IMMEDIATE")
+        cur.execute(self._begin)
         try:
             result = fn(cur, *args)
             cur.execute("COMMIT")
