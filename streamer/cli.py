@@ -124,6 +124,8 @@ def _datapath_config(a: argparse.Namespace) -> DatapathConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .kafka_options import COMPRESSIONS, add_security_args
+
     p = argparse.ArgumentParser(prog="ctstream", description="Reliable conntrack event streamer (XDP/eBPF).")
     p.add_argument("--version", action="version", version=f"ctstream {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
@@ -151,17 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="and for at most S seconds, 0 = no age limit (%(default)g)")
     k.add_argument("--kafka-timeout", type=_seconds, default=5.0, metavar="S",
                    help="a batch not acknowledged within S seconds goes to the spool (%(default)g)")
-    k.add_argument("--kafka-compression", default="none",
-                   choices=("none", "gzip", "snappy", "lz4", "zstd"))
-    k.add_argument("--kafka-security-protocol", default="PLAINTEXT",
-                   choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
-    k.add_argument("--kafka-ssl-cafile", metavar="FILE")
-    k.add_argument("--kafka-ssl-certfile", metavar="FILE")
-    k.add_argument("--kafka-ssl-keyfile", metavar="FILE")
-    k.add_argument("--kafka-sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
-    k.add_argument("--kafka-sasl-username")
-    k.add_argument("--kafka-sasl-password-file", metavar="FILE",
-                   help="file holding the SASL password (or set CTSTREAM_KAFKA_SASL_PASSWORD)")
+    k.add_argument("--kafka-compression", default="none", choices=COMPRESSIONS)
+    add_security_args(k)
     _add_observe_args(r)
 
     e = sub.add_parser("events", help="attach and stream connection events, like conntrack -E")
@@ -297,19 +290,10 @@ def _dispatch(a: argparse.Namespace) -> int:
 
 def _kafka_sink(a: argparse.Namespace):
     from .archive import default_spool_dir
+    from .kafka_options import check_timeout, settings_from_args
     from .kafka_sink import KafkaSink
-    from .producer import KafkaSettings
 
-    password = os.environ.get("CTSTREAM_KAFKA_SASL_PASSWORD")
-    if a.kafka_sasl_password_file:
-        try:
-            with open(a.kafka_sasl_password_file) as f:
-                password = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --kafka-sasl-password-file "
-                              f"{a.kafka_sasl_password_file}: {exc.strerror}") from exc
-    if not (0 < a.kafka_timeout <= 3600):
-        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
+    check_timeout(a)
     if a.spool_max < 1 << 20:
         raise ConfigError(f"--spool-max must be at least 1m, got {a.spool_max}")
     if a.archive_max and a.archive_max < 1 << 20:
@@ -317,13 +301,9 @@ def _kafka_sink(a: argparse.Namespace):
     if a.archive_age < 0:
         raise ConfigError(f"--archive-age must be 0 (no age limit) or positive, got {a.archive_age}")
     timeout_ms = int(a.kafka_timeout * 1000)
-    settings = KafkaSettings(
-        bootstrap=a.kafka, topic=a.topic, compression=a.kafka_compression,
-        request_timeout_ms=max(100, min(timeout_ms, 10_000)), delivery_timeout_ms=max(100, timeout_ms),
-        security_protocol=a.kafka_security_protocol, ssl_cafile=a.kafka_ssl_cafile,
-        ssl_certfile=a.kafka_ssl_certfile, ssl_keyfile=a.kafka_ssl_keyfile,
-        sasl_mechanism=a.kafka_sasl_mechanism, sasl_username=a.kafka_sasl_username,
-        sasl_password=password)
+    settings = settings_from_args(
+        a, compression=a.kafka_compression, request_timeout_ms=max(100, min(timeout_ms, 10_000)),
+        delivery_timeout_ms=max(100, timeout_ms))
     spool = a.spool or default_spool_dir(a.pin_dir)
     return KafkaSink(settings, spool, a.spool_max, a.node_id,
                      archive_max=a.archive_max, archive_s=a.archive_age)

@@ -426,26 +426,7 @@ class Producer:
             await asyncio.sleep(0.1)
 
     async def _why_unreachable(self, exc: BaseException) -> str:
-        """What went wrong, in words: the TCP connect's own error if the
-        servers refuse, else aiokafka's."""
-        reasons = []
-        for host, port in self.settings.bootstrap_hosts():
-            try:
-                async with asyncio.timeout(1.0):
-                    _, writer = await asyncio.open_connection(host, port)
-                writer.close()
-            except TimeoutError:
-                reasons.append(f"{host}:{port}: no answer within 1s")
-            except OSError as err:
-                # asyncio's own strerror ("Connect call failed ...") hides the reason.
-                reasons.append(f"{host}:{port}: {os.strerror(err.errno) if err.errno else err}")
-        if reasons:
-            return "; ".join(reasons)
-        if isinstance(exc, TimeoutError):
-            return ("the TCP connection works but Kafka did not complete the handshake "
-                    f"(security_protocol {self.settings.security_protocol}: check TLS/SASL settings)")
-        return (f"the TCP connection works but Kafka refused the client ({exc!r}); "
-                f"check security_protocol {self.settings.security_protocol} and TLS/SASL settings")
+        return await why_unreachable(self.settings, exc)
 
     # ---- send -----------------------------------------------------------------
     async def send(self, records: list[tuple[bytes, bytes]]) -> None:
@@ -704,3 +685,27 @@ async def _close_client(kafka: aiokafka.AIOKafkaProducer) -> None:
                 await kafka.client.close()
         except Exception as exc2:
             log.debug("closing the Kafka connections: %r", exc2)
+
+
+async def why_unreachable(settings: KafkaSettings, exc: BaseException) -> str:
+    """Why a client could not start, in words: the TCP connect's own error if
+    the servers refuse, else aiokafka's, with a hint at TLS/SASL when TCP
+    works (shared by the producer and the accounting consumer)."""
+    reasons = []
+    for host, port in settings.bootstrap_hosts():
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+        except TimeoutError:
+            reasons.append(f"{host}:{port}: no answer within 1s")
+        except OSError as err:
+            # asyncio's own strerror ("Connect call failed ...") hides the reason.
+            reasons.append(f"{host}:{port}: {os.strerror(err.errno) if err.errno else err}")
+    if reasons:
+        return "; ".join(reasons)
+    if isinstance(exc, TimeoutError):
+        return ("the TCP connection works but Kafka did not complete the handshake "
+                f"(security_protocol {settings.security_protocol}: check TLS/SASL settings)")
+    return (f"the TCP connection works but Kafka refused the client ({exc!r}); "
+            f"check security_protocol {settings.security_protocol} and TLS/SASL settings")

@@ -29,6 +29,7 @@ import time
 
 from .config import DEFAULT_PIN_DIR
 from .errors import ConfigError, StreamerError
+from .kafka_options import COMPRESSIONS, add_security_args, check_timeout, settings_from_args
 
 CONNECT_TIMEOUT_S = 10.0
 SEND_CHUNK = 10_000          # records per Producer.send call
@@ -75,17 +76,8 @@ def add_parser(sub) -> None:
     k.add_argument("--topic", required=True, help="the topic to publish to (must exist)")
     k.add_argument("--kafka-timeout", type=float, default=30.0, metavar="S",
                    help="a send not acknowledged within S seconds fails the replay (%(default)g)")
-    k.add_argument("--kafka-compression", default="none",
-                   choices=("none", "gzip", "snappy", "lz4", "zstd"))
-    k.add_argument("--kafka-security-protocol", default="PLAINTEXT",
-                   choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
-    k.add_argument("--kafka-ssl-cafile", metavar="FILE")
-    k.add_argument("--kafka-ssl-certfile", metavar="FILE")
-    k.add_argument("--kafka-ssl-keyfile", metavar="FILE")
-    k.add_argument("--kafka-sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
-    k.add_argument("--kafka-sasl-username")
-    k.add_argument("--kafka-sasl-password-file", metavar="FILE",
-                   help="file holding the SASL password (or set CTSTREAM_KAFKA_SASL_PASSWORD)")
+    k.add_argument("--kafka-compression", default="none", choices=COMPRESSIONS)
+    add_security_args(k)
     rp.set_defaults(func=main)
 
 
@@ -166,26 +158,11 @@ def _iso(ms: int) -> str:
 # ---------------------------------------------------------------- Kafka
 
 def _kafka_settings(a: argparse.Namespace):
-    from .producer import KafkaSettings
-
-    if not 0 < a.kafka_timeout <= 3600:
-        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
-    password = os.environ.get("CTSTREAM_KAFKA_SASL_PASSWORD")
-    if a.kafka_sasl_password_file:
-        try:
-            with open(a.kafka_sasl_password_file) as f:
-                password = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --kafka-sasl-password-file "
-                              f"{a.kafka_sasl_password_file}: {exc.strerror}") from exc
+    check_timeout(a)
     timeout_ms = int(a.kafka_timeout * 1000)
-    return KafkaSettings(
-        bootstrap=a.kafka, topic=a.topic, client_id="ctstream-replay",
-        compression=a.kafka_compression, request_timeout_ms=min(timeout_ms, 10_000),
-        delivery_timeout_ms=timeout_ms, security_protocol=a.kafka_security_protocol,
-        ssl_cafile=a.kafka_ssl_cafile, ssl_certfile=a.kafka_ssl_certfile,
-        ssl_keyfile=a.kafka_ssl_keyfile, sasl_mechanism=a.kafka_sasl_mechanism,
-        sasl_username=a.kafka_sasl_username, sasl_password=password).validate()
+    return settings_from_args(
+        a, client_id="ctstream-replay", compression=a.kafka_compression,
+        request_timeout_ms=min(timeout_ms, 10_000), delivery_timeout_ms=timeout_ms)
 
 
 class _Sender:

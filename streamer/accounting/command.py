@@ -25,6 +25,8 @@ def _seconds(text: str) -> float:
 
 
 def add_parsers(sub) -> None:
+    from ..kafka_options import add_security_args
+
     ac = sub.add_parser(
         "account", help="consume the stream into a flow-accounting database",
         description="Consume ctstream records from Kafka into finished-flow rows and per-minute "
@@ -42,6 +44,7 @@ def add_parsers(sub) -> None:
                          "arrived for S seconds (default: run until SIGINT/SIGTERM)")
     ac.add_argument("--kafka-timeout", type=_seconds, default=15.0, metavar="S",
                     help="give up when Kafka cannot be reached within S seconds at start (%(default)g)")
+    add_security_args(ac.add_argument_group("kafka security"))
     ac.add_argument("--session-timeout", type=_seconds, default=10.0, metavar="S",
                     help="Kafka group session timeout: a consumer that died loses its "
                          "partitions after S seconds (%(default)g)")
@@ -68,6 +71,7 @@ def add_parsers(sub) -> None:
 
 
 def account_main(a: argparse.Namespace) -> int:
+    from ..kafka_options import check_timeout, settings_from_args
     from .db import parse_url
 
     target = parse_url(a.db)
@@ -75,11 +79,8 @@ def account_main(a: argparse.Namespace) -> int:
         return _report(a, target)
     if not a.kafka or not a.topic:
         raise ConfigError("account needs --kafka HOST:PORT and --topic NAME (or --report)")
-    from ..producer import KafkaSettings
-
-    settings = KafkaSettings(bootstrap=a.kafka, topic=a.topic).validate()
-    if not 0 < a.kafka_timeout <= 3600:
-        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {a.kafka_timeout}")
+    check_timeout(a)
+    settings = settings_from_args(a)
     stats = asyncio.run(_account(a, settings, target))
     counts = stats.as_dict()
     if a.output == "json":
@@ -88,7 +89,7 @@ def account_main(a: argparse.Namespace) -> int:
           f"{stats.flows} flows, {stats.events} events, {stats.duplicates} duplicates, "
           f"{stats.snapshots} snapshots, {stats.lost} LOST, {stats.rejected} rejected"
           + (f", {stats.conflicts} conflicting DESTROYs" if stats.conflicts else "")
-          + f"; records by partition: "
+          + "; records by partition: "
           + (" ".join(f"{p}:{n}" for p, n in sorted(stats.by_partition.items())) or "none"),
           file=sys.stderr)
     return 0

@@ -35,17 +35,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import aiokafka
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from aiokafka.structs import TopicPartition
 
 from ..errors import ConfigError, StreamerError
-from ..producer import KafkaSettings, KafkaUnavailable
+from ..producer import KafkaSettings, KafkaUnavailable, why_unreachable
 from . import ledger
 from .db import Database, open_database, parse_url
 
@@ -60,18 +58,10 @@ TOPIC_GRACE_S = 2.0
 
 
 @dataclass
-class AccountStats:
-    """What one consume() call did (ledger.BatchResult summed over its
-    batches), and the partitions it held last."""
+class AccountStats(ledger.BatchResult):
+    """What one consume() call did (ledger.BatchResult's counts summed over
+    its batches), and the partitions it held last."""
 
-    records: int = 0
-    events: int = 0
-    duplicates: int = 0
-    flows: int = 0
-    snapshots: int = 0
-    lost: int = 0
-    rejected: int = 0
-    conflicts: int = 0
     batches: int = 0
     partitions: list[int] = field(default_factory=list)   # held at the end
     # Records applied per partition (a partition held for a while but
@@ -80,8 +70,7 @@ class AccountStats:
     seconds: float = 0.0
 
     def add(self, res: ledger.BatchResult) -> None:
-        for k, v in res.as_dict().items():
-            setattr(self, k, getattr(self, k) + v)
+        super().add(res)
         self.batches += 1
 
     def as_dict(self) -> dict:
@@ -107,7 +96,12 @@ class _Assignment(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         # Nothing to commit: each batch committed its offsets with its rows.
+        # But a batch may be in its transaction now: wait for it (the one
+        # database thread runs calls in order) before aiokafka rejoins, so the
+        # partitions' next owner does not start on that batch's rows while
+        # they are still locked, nor read an offset that then moves back.
         if revoked:
+            await self.run.db_call(lambda: None)
             log.info("partitions %s of %s revoked", _plist(revoked), self.run.topic)
 
     async def on_partitions_assigned(self, assigned) -> None:
@@ -326,7 +320,7 @@ async def _start_consumer(settings: KafkaSettings, group: str, timeout_s: float,
         except (KafkaError, OSError, TimeoutError) as exc:
             await _stop_quietly(consumer)
             if loop.time() + CONNECT_BACKOFF_S >= deadline:
-                why = await _why_unreachable(settings, exc)
+                why = await why_unreachable(settings, exc)
                 raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap} within "
                                        f"{timeout_s:g}s: {why}") from exc
             await asyncio.sleep(CONNECT_BACKOFF_S)
@@ -351,19 +345,3 @@ async def _stop_quietly(consumer) -> None:
             await consumer.stop()
     except Exception as exc:
         log.debug("closing a failed Kafka consumer: %r", exc)
-
-
-async def _why_unreachable(settings: KafkaSettings, exc: BaseException) -> str:
-    reasons = []
-    for host, port in settings.bootstrap_hosts():
-        try:
-            async with asyncio.timeout(1.0):
-                _, writer = await asyncio.open_connection(host, port)
-            writer.close()
-        except TimeoutError:
-            reasons.append(f"{host}:{port}: no answer within 1s")
-        except OSError as err:
-            reasons.append(f"{host}:{port}: {os.strerror(err.errno) if err.errno else err}")
-    if reasons:
-        return "; ".join(reasons)
-    return f"the TCP connection works but Kafka did not answer as expected ({exc!r})"

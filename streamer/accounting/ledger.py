@@ -79,11 +79,11 @@ class BatchResult:
     conflicts: int = 0
 
     def add(self, other: "BatchResult") -> None:
-        for f in fields(self):
+        for f in fields(BatchResult):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(BatchResult)}
 
 
 @dataclass(frozen=True)
