@@ -66,14 +66,20 @@ async def run_demo(pin_dir: str, output: str = "text") -> int:
     return 0 if done else 1
 
 
-async def _run_traffic(pair, say, stop):
-    task = asyncio.create_task(asyncio.to_thread(_traffic, pair, say))
+async def run_stoppable(fn, stop: asyncio.Event, *args) -> None:
+    """fn(*args) in a worker thread; KeyboardInterrupt if `stop` (a signal)
+    comes first (both demos' traffic)."""
+    task = asyncio.create_task(asyncio.to_thread(fn, *args))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if not task.done():
         raise KeyboardInterrupt
     task.result()
+
+
+async def _run_traffic(pair, say, stop):
+    await run_stoppable(_traffic, stop, pair, say)
     return pair.conntrack_flows()
 
 

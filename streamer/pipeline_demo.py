@@ -123,16 +123,6 @@ def _traffic(pair) -> None:
     pair.iperf3(2, family=4)
 
 
-async def _run_traffic(pair, stop: asyncio.Event) -> None:
-    task = asyncio.create_task(asyncio.to_thread(_traffic, pair))
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if not task.done():
-        raise KeyboardInterrupt
-    task.result()
-
-
 # ---- Kafka's side of the count ------------------------------------------------------------
 
 async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
@@ -210,6 +200,7 @@ def _print_top(title: str, rows: list[dict], label: str) -> None:
 async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
     from . import testbed
     from .daemon import Session, Target, install_signal_handlers
+    from .demo import run_stoppable
     from .kafka_sink import KafkaSink
     from .producer import KafkaSettings
 
@@ -239,7 +230,7 @@ async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
             async with Session(cfg, target, sink=sink, lost_interval=0) as s:
                 say(f"the daemon: XDP + tc egress on {pair.server.ifname} in "
                     f"{pair.server.netns}, shipping to Kafka as node {NODE}")
-                await _run_traffic(pair, stop)
+                await run_stoppable(_traffic, stop, pair)
                 kernel_flows = pair.conntrack_flows()
                 say(f"traffic done: the kernel's conntrack saw {len(kernel_flows)} connections; "
                     f"waiting for every flow to time out and its DESTROY to be acknowledged")
@@ -276,7 +267,7 @@ async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
         print(f"  connections made (kernel conntrack)   {made:>8,}")
         print(f"  DESTROY records in Kafka (distinct)   {len(destroys):>8,}")
         print(f"  flows accounted (exactly once)        {acc['flows']:>8,}")
-        print(f"  records in Kafka by type              "
+        print("  records in Kafka by type              "
               + ", ".join(f"{k} {v:,}" for k, v in sorted(by_type.items())))
         print(f"  {'ALL EQUAL' if equal else 'NOT EQUAL: something was lost'}"
               f" ({report['seconds']:.0f} s)")
