@@ -124,8 +124,16 @@ class _Assignment(ConsumerRebalanceListener):
         parts = sorted(tp.partition for tp in mine)
         stored = await self.run.db_call(
             self.run.db.transaction, ledger.stored_offsets, self.run.topic, parts)
+        # Records below a partition's log start were deleted by retention before
+        # they were accounted: say so (aiokafka would reset to the start quietly).
+        held = [tp for tp in mine if tp.partition in stored]
+        starts = await consumer.beginning_offsets(held) if held else {}
         for tp in mine:
             if tp.partition in stored:
+                if stored[tp.partition] < starts.get(tp, 0):
+                    log.error("partition %d of %s: records %d..%d were deleted by Kafka's "
+                              "retention before they were accounted", tp.partition,
+                              self.run.topic, stored[tp.partition], starts[tp] - 1)
                 consumer.seek(tp, stored[tp.partition])
             else:
                 await consumer.seek_to_beginning(tp)

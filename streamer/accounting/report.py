@@ -1,8 +1,8 @@
 """The gap report (`ctstream account --report`): what the accounting may be
 missing.
 
-- seq gaps: per flow, the seqs missing between the lowest and the highest
-  event seq applied. Every event of a connection takes the next seq in the
+- seq gaps: per flow, the seqs missing from 0 (a connection's first event,
+  its CREATE) to the highest event seq applied. Every event of a connection takes the next seq in the
   datapath, delivered or not, so a hole is an event that never got here.
   `ring` marks holes whose next event carries missedEvents: the datapath's
   ring had no room and that record stands in for the lost ones (its
@@ -48,7 +48,7 @@ def gap_report(db_url: str | Database, horizon_s: float = DEFAULT_HORIZON_S,
 
 def _report(cur, horizon_s: float, now_ms: int) -> dict:
     cur.execute("SELECT node_id, ct_id FROM flow_events GROUP BY node_id, ct_id "
-                "HAVING MAX(seq) - MIN(seq) + 1 > COUNT(*) ORDER BY node_id, ct_id")
+                "HAVING MAX(seq) + 1 > COUNT(*) ORDER BY node_id, ct_id")
     gappy = cur.fetchall()
     gaps = []
     for node, ct in gappy:
@@ -89,7 +89,9 @@ def _report(cur, horizon_s: float, now_ms: int) -> dict:
 def _flow_gaps(node: str, ct: int, rows: list[tuple]) -> dict:
     holes = []
     missing = 0
-    for (prev, _), (seq, missed) in zip(rows, rows[1:]):
+    # A connection's first event (its CREATE) has seq 0: seqs missing below
+    # the lowest one seen are a gap too (a CREATE lost to a full ring).
+    for (prev, _), (seq, missed) in zip([(-1, 0)] + rows[:-1], rows):
         if seq > prev + 1:
             holes.append({"from": prev + 1, "to": seq - 1, "ring": bool(missed)})
             missing += seq - prev - 1

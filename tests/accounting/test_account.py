@@ -273,7 +273,9 @@ async def test_gap_report_finds_seq_gaps_and_unfinished_flows(kafka_broker, db_u
     gap, ring, live, done = make_flows(4, events=5)
     unfinished = make_flows(1, first=100, end_ms=old, events=5)[0]
     refreshed = make_flows(1, first=101, end_ms=old, events=5)[0]
+    no_create = make_flows(1, first=120, events=5)[0]          # 120 % 40 == 0: ends now
     recs = [gap.event(s) for s in (0, 2, 3, 4)]                       # seq 1 lost in transit
+    recs += [no_create.event(1, missedEvents=1), no_create.event(2)]  # its CREATE (seq 0): the ring's
     recs += [ring.event(0), ring.event(3, missedEvents=2), ring.event(4)]  # 1, 2: the ring's
     recs += [unfinished.event(0), unfinished.event(1)]                # no DESTROY for 10 min
     recs += [live.event(0)]                                           # open, but recent
@@ -291,13 +293,14 @@ async def test_gap_report_finds_seq_gaps_and_unfinished_flows(kafka_broker, db_u
     assert result.returncode == 0, result.stderr
     rep = json.loads(result.stdout)
     gaps = {g["ct_id"]: g for g in rep["seq_gaps"]}
-    assert set(gaps) == {gap.ct_id, ring.ct_id}
+    assert set(gaps) == {gap.ct_id, ring.ct_id, no_create.ct_id}
     assert (gaps[gap.ct_id]["seqs"], gaps[gap.ct_id]["ring_only"]) == ([1], False)
     assert (gaps[ring.ct_id]["seqs"], gaps[ring.ct_id]["ring_only"]) == ([1, 2], True)
-    assert rep["missing_events"] == 3
+    assert (gaps[no_create.ct_id]["seqs"], gaps[no_create.ct_id]["ring_only"]) == ([0], True)
+    assert rep["missing_events"] == 4
     assert [u["ct_id"] for u in rep["unfinished"]] == [unfinished.ct_id]
     assert rep["unfinished"][0]["last_seq"] == 1
-    assert (rep["flows"], rep["open_flows"]) == (3, 3)    # unfinished, live, refreshed
+    assert (rep["flows"], rep["open_flows"]) == (3, 4)    # unfinished, live, refreshed, no_create
     assert rep["lost"] == [{"node": "gw-a", "seq": 2, "observed_ms": rep["lost"][0]["observed_ms"],
                             "counters": {"destroy_retries": 0, "early_drops": 0, "ring_full": 7,
                                          "table_full": 1, "untracked_bytes": 0,
