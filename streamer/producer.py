@@ -238,26 +238,38 @@ _M = 0x5BD1E995
 _WORDS: dict[int, struct.Struct] = {}
 
 
-_PREFIX_STATE: dict[tuple[int, bytes], int] = {}
-_PREFIX_STATES_MAX = 4096
+# Hash states after all whole words but the last, per key length.
+_HEAD_STATE: dict[int, dict[bytes, int]] = {}
+_HEAD_STATES_MAX = 4096    # per key length; when full, new heads are not kept
+_WORD = struct.Struct("<I")
 
 
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 of a key as an unsigned 32-bit value: the same hash
     as the Java client's Utils.murmur2 (and aiokafka's DefaultPartitioner),
-    about twice as fast as aiokafka's pure-Python version.
+    about three times as fast as aiokafka's pure-Python version on
+    connection keys.
 
-    Keys are b"<nodeId>/<ctId>": the whole words of "<nodeId>/" are the same
-    for every key of a node, so the hash state after them is remembered per
-    (length, prefix) and only the ctId's words are hashed."""
+    Keys are b"<nodeId>/<ctId>" and ctIds are handed out in sequence, so
+    consecutive keys differ only in their last few bytes: the hash state
+    after all whole words but the last is remembered per (length, those
+    bytes), and a key then costs one word, its tail and the final mix."""
     n = len(data)
-    skip = ((data.find(b"/") + 1) >> 2) << 2
-    h = _PREFIX_STATE.get((n, data[:skip])) if skip else None
-    if h is None:
-        h = _hash_words(0x9747B28C ^ n, data[:skip])
-        if skip and len(_PREFIX_STATE) < _PREFIX_STATES_MAX:
-            _PREFIX_STATE[(n, data[:skip])] = h
-    h = _hash_words(h, data[skip:])
+    cut = ((n >> 2) - 1) << 2        # whole words but the last (none if < 8 bytes)
+    if cut > 0:
+        heads = _HEAD_STATE.get(n)
+        if heads is None:
+            heads = _HEAD_STATE[n] = {}
+        head = data[:cut]
+        h = heads.get(head)
+        if h is None:
+            h = _hash_words(0x9747B28C ^ n, head)
+            if len(heads) < _HEAD_STATES_MAX:
+                heads[head] = h
+        k = _WORD.unpack_from(data, cut)[0] * _M & 0xFFFFFFFF
+        h = (h * _M ^ (k ^ k >> 24) * _M) & 0xFFFFFFFF
+    else:
+        h = _hash_words(0x9747B28C ^ n, data[:(n >> 2) << 2])
     tail = n & 3
     if tail:
         h = (h ^ int.from_bytes(data[n - tail:], "little")) * _M & 0xFFFFFFFF
@@ -288,15 +300,33 @@ class _Batch:
     """One record batch of one partition, filled by one or more send() calls
     and acknowledged as a whole; `acked` is ctstream's own future for it."""
 
-    __slots__ = ("builder", "acked")
+    __slots__ = ("builder", "records", "count", "acked")
 
     def __init__(self, builder, loop: asyncio.AbstractEventLoop):
         self.builder = builder
+        # aiokafka's BatchBuilder.append runs serializers and keeps the
+        # record offset in Python around its record-batch builder (C). The
+        # records here are bytes already: they go to that inner builder
+        # directly, at offset `count` (about 0.2 us less per record), and
+        # seal() tells the BatchBuilder how many there are.
+        # tests/unit/test_producer_settings.py reads such a batch back.
+        self.records = builder._builder
+        self.count = 0
         self.acked = loop.create_future()
 
-    @property
-    def count(self) -> int:
-        return self.builder.record_count()
+    def add(self, ts: int, key: bytes, value: bytes, headers) -> bool:
+        """Append one record; False if the batch is full (then it is sealed)."""
+        if self.records.append(self.count, ts, key, value, headers) is None:
+            self.seal()
+            return False
+        self.count += 1
+        return True
+
+    def seal(self) -> None:
+        """No more records: aiokafka may send it now."""
+        self.builder._relative_offset = self.count
+        self.builder.close()
+        self.records = None     # aiokafka builds it once and drops its own reference
 
 
 class _Session:
@@ -429,8 +459,10 @@ class Producer:
         return await why_unreachable(self.settings, exc)
 
     # ---- send -----------------------------------------------------------------
-    async def send(self, records: list[tuple[bytes, bytes]]) -> None:
-        """Send (key, value) pairs, each with the schema header; return when
+    async def send(self, records: list[tuple]) -> None:
+        """Send records, each (key, value, ...) (what follows the value is
+        ignored: the Kafka sink passes (key, value, time_ms) as it keeps
+        them), each with the schema header; return when
         Kafka acknowledged all of them (acks=all). KafkaUnavailable if not
         within delivery_timeout_ms (then the producer is disconnected and
         start() reconnects). Waits while max_in_flight_records would be
@@ -484,10 +516,11 @@ class Producer:
         # A record must fit an empty batch (aiokafka would send it anyway and
         # the broker reject it for good). Checked before any is queued.
         room = self.settings.max_batch_bytes - 256
-        for key, value in records:
-            if len(key) + len(value) > room:
-                raise wire.WireError(f"a record of {len(key) + len(value)} bytes does not fit in "
-                                     f"a batch of max_batch_bytes {self.settings.max_batch_bytes}")
+        for record in records:
+            size = len(record[0]) + len(record[1])
+            if size > room:
+                raise wire.WireError(f"a record of {size} bytes does not fit in a batch of "
+                                     f"max_batch_bytes {self.settings.max_batch_bytes}")
 
     def _append(self, session: _Session, records) -> set[_Batch]:
         """Add the records to their partitions' open batches, in call order;
@@ -502,7 +535,8 @@ class Producer:
         used: dict[int, _Batch] = {}
         touched = set()
         self.in_flight += len(records)
-        for key, value in records:
+        for record in records:
+            key, value = record[0], record[1]
             p = parts[(murmur2(key) & 0x7FFFFFFF) % count]
             batch = used.get(p)
             if batch is None:
@@ -515,14 +549,16 @@ class Producer:
                     session.unacked.add(batch)
                 used[p] = batch
                 touched.add(batch)
-            if batch.builder.append(timestamp=ts, key=key, value=value, headers=header) is None:
-                batch.builder.close()        # full: the next batch of p takes the rest
+            if batch.records.append(batch.count, ts, key, value, header) is not None:
+                batch.count += 1
+            else:                            # full: the next batch of p takes the rest
+                batch.seal()
                 batch = _Batch(kafka.create_batch(), loop)
                 queues[p].append(batch)
                 session.unacked.add(batch)
                 used[p] = batch
                 touched.add(batch)
-                batch.builder.append(timestamp=ts, key=key, value=value, headers=header)
+                batch.add(ts, key, value, header)
         for p in used:
             session.wake[p].set()
         return touched
@@ -539,7 +575,7 @@ class Producer:
                 wake.clear()
                 await wake.wait()
             batch = queue.popleft()
-            batch.builder.close()   # closed: aiokafka sends it at once instead of lingering
+            batch.seal()   # closed: aiokafka sends it at once instead of lingering
             session.taken[p] = batch
             try:
                 fut = await session.kafka.send_batch(batch.builder, topic, partition=p)

@@ -3,6 +3,7 @@ is wrong and why; the partitioner maps keys as the Java client does."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import subprocess
@@ -223,6 +224,14 @@ def test_murmur2_matches_aiokafka_on_random_keys():
         assert murmur2(data) == aiokafka_murmur2(data) & 0xFFFFFFFF
 
 
+def test_murmur2_matches_aiokafka_on_connection_keys():
+    # Sequential ctIds: the remembered head states are used, and filled up.
+    for node in ("gw-1", "node-12345", "n"):
+        for ct_id in list(range(1, 20_000, 3)) + [2**64 - 1, 10**12, 99_999, 100_000]:
+            key = f"{node}/{ct_id}".encode()
+            assert murmur2(key) == aiokafka_murmur2(key) & 0xFFFFFFFF, key
+
+
 def test_partition_of_spreads_connection_keys():
     counts = [0, 0, 0]
     for ct_id in range(1, 3001):
@@ -245,3 +254,31 @@ async def test_send_before_start_says_so():
     await p.stop()
     with pytest.raises(KafkaUnavailable, match="stopped"):
         await p.send([(b"k", b"v")])
+
+
+def test_a_batch_filled_past_aiokafkas_wrapper_reads_back_whole():
+    # _Batch appends to aiokafka's inner record-batch builder and counts the
+    # offsets itself: the built batch must hold every record, in order, with
+    # offsets 0..n-1, and aiokafka must see the right record count.
+    from aiokafka.producer.message_accumulator import BatchBuilder
+    from aiokafka.record.default_records import DefaultRecordBatch
+    from streamer.producer import _Batch
+
+    loop = asyncio.new_event_loop()
+    try:
+        batch = _Batch(BatchBuilder(16 << 10, 0), loop)
+        header = [("ctstream-schema", b"1")]
+        added = 0
+        while batch.add(1_700_000_000_000, b"gw-1/%d" % added, bytes([added % 251]) * 300, header):
+            added += 1
+        assert 40 < added < 60 and batch.count == added
+        assert batch.builder.record_count() == added
+        assert batch.builder.append(timestamp=0, key=b"k", value=b"v") is None   # sealed
+        read = DefaultRecordBatch(bytearray(batch.builder._build()))
+        records = list(read)
+        assert [r.offset for r in records] == list(range(added))
+        assert [r.key for r in records] == [b"gw-1/%d" % i for i in range(added)]
+        assert all(r.value == bytes([i % 251]) * 300 for i, r in enumerate(records))
+        assert all(r.headers == header for r in records)
+    finally:
+        loop.close()

@@ -239,7 +239,9 @@ def test_check_node_id():
 
 # ---- the fast path from the ring ------------------------------------------------
 
-def random_raw_events(count: int, seed: int = 11):
+def random_ring_records(count: int, seed: int = 11):
+    """Ring records (bytes) of every type, family and protocol, with random
+    fields, special IPv6 addresses among them."""
     rng = random.Random(seed)
     special_v6 = [bytes(10) + b"\xff\xff" + bytes([198, 18, 0, 9]),   # ::ffff:198.18.0.9
                   bytes(12) + bytes([198, 18, 0, 9]),                 # ::198.18.0.9
@@ -254,14 +256,22 @@ def random_raw_events(count: int, seed: int = 11):
                 bytes(rng.choice((0, rng.randrange(256))) for _ in range(16))
             daddr = rng.randbytes(16)
         proto = rng.choice((6, 17, 1, 58, 47))
-        yield abi.decode_event(raw_event(
+        yield raw_event(
             type=rng.choice(list(TYPES)), family=family, proto=proto,
             state=rng.randrange(9), flags=rng.randrange(16), ct_id=rng.randrange(1, 2**64),
             seq=rng.randrange(2**32), end_reason=rng.randrange(7), missed=rng.randrange(8),
             tcp_flags_orig=rng.randrange(256), tcp_flags_reply=rng.randrange(256),
-            pkts_orig=rng.randrange(2**64), bytes_reply=rng.randrange(2**64),
+            ts_ns=rng.randrange(2**50), first_ns=rng.randrange(2**50),
+            last_ns=rng.randrange(2**50),
+            pkts_orig=rng.randrange(2**64), pkts_reply=rng.randrange(2**64),
+            bytes_orig=rng.randrange(2**64), bytes_reply=rng.randrange(2**64),
             saddr=saddr, daddr=daddr, sport=rng.randrange(2**16), dport=rng.randrange(2**16),
-            vlan=rng.randrange(4096), retries=rng.randrange(256)))
+            vlan=rng.randrange(4096), dying=rng.randrange(256), retries=rng.randrange(256))
+
+
+def random_raw_events(count: int, seed: int = 11):
+    for buf in random_ring_records(count, seed):
+        yield abi.decode_event(buf)
 
 
 def test_raw_path_equals_the_event_path():
