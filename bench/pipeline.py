@@ -27,6 +27,9 @@ Reported per variant (extra `ctstream run` options, side by side in one run):
   destroy acked/s  DESTROYs per second from the first expiry to an empty
                    table (entries and outbox 0): every one acknowledged by
                    Kafka and acked to the kernel
+  steady/s         the same rate between the entries falling to 90 % and to
+                   10 % of the flows: without the phase's first sweeper tick
+                   and its last round trip (the sustained rate)
   daemon s/100k    the daemon process's CPU seconds (user + system) per 100k
                    records over the destroy phase
   broker s/100k    the broker JVM's, same phase
@@ -229,9 +232,18 @@ def _measure(args, name, extra, run_argv, proc, pin, topic, bootstrap, broker_pi
              table.stats()),
              args.timeout_udp * 4 + 30, proc, 0.005)
         t1, d1, b1, m1 = time.perf_counter(), cpu_of(proc.pid), cpu_of(broker_pid), cpu_machine()
-        wait("table empty (every DESTROY acked)",
-             lambda: (lambda s: s["entries"] == 0 and s["outbox"] == 0)(table.stats()),
-             600, proc, 0.005)
+        # When the entries (live and outbox) first fell to 90 % and to 10 %
+        # of the flows: the steady rate, without the phase's start and its
+        # last round trip.
+        marks: dict[float, float] = {}
+
+        def emptied() -> bool:
+            s = table.stats()
+            for frac in (0.9, 0.1):
+                if frac not in marks and s["entries"] <= frac * args.flows:
+                    marks[frac] = time.perf_counter()
+            return s["entries"] == 0 and s["outbox"] == 0
+        wait("table empty (every DESTROY acked)", emptied, 600, proc, 0.005)
         t2, d2, b2, m2 = time.perf_counter(), cpu_of(proc.pid), cpu_of(broker_pid), cpu_machine()
         final = table.stats()
         if spy is not None:
@@ -264,6 +276,7 @@ def _measure(args, name, extra, run_argv, proc, pin, topic, bootstrap, broker_pi
         "create_records_per_s": round(args.flows / (t_created - t0)),
         "destroy_s": round(phase, 3),
         "destroy_acked_per_s": round(args.flows / phase),
+        "steady_acked_per_s": round(0.8 * args.flows / max(1e-9, marks[0.1] - marks[0.9])),
         "daemon_cpu_s_per_100k": round(dcpu / args.flows * 1e5, 3),
         "daemon_cpu_share": round(dcpu / phase, 2),
         "broker_cpu_s_per_100k": round(bcpu / args.flows * 1e5, 3),
@@ -281,13 +294,15 @@ def _measure(args, name, extra, run_argv, proc, pin, topic, bootstrap, broker_pi
 
 
 def table_text(runs: list[dict], args) -> str:
-    head = (f"{'variant':<12} {'create rec/s':>12} {'destroy acked/s':>16} {'daemon s/100k':>14} "
+    head = (f"{'variant':<12} {'create rec/s':>12} {'destroy acked/s':>16} {'steady/s':>9} "
+            f"{'daemon s/100k':>14} "
             f"{'daemon CPU':>10} {'broker s/100k':>14} {'other CPU s':>11} {'in topic':>10}")
     lines = [f"ctstream run end to end: {args.flows:,} UDP flows per variant, "
              f"{args.partitions} partitions, acks=all, idempotent", head, "-" * len(head)]
     for r in runs:
         lines.append(f"{r['variant']:<12} {r['create_records_per_s']:>12,} "
-                     f"{r['destroy_acked_per_s']:>16,} {r['daemon_cpu_s_per_100k']:>14.3f} "
+                     f"{r['destroy_acked_per_s']:>16,} {r['steady_acked_per_s']:>9,} "
+                     f"{r['daemon_cpu_s_per_100k']:>14.3f} "
                      f"{r['daemon_cpu_share']:>10.2f} {r['broker_cpu_s_per_100k']:>14.3f} "
                      f"{r['other_cpu_s']:>11.2f} {r['records_in_topic']:>10,}")
     return "\n".join(lines)
@@ -352,7 +367,8 @@ def main(argv=None) -> int:
                                     tmp / label.replace("#", "-"))
                     r["round"] = rnd + 1
                     log(f"[{label}] create {r['create_records_per_s']:,} rec/s, destroy "
-                        f"{r['destroy_acked_per_s']:,} acked/s, daemon "
+                        f"{r['destroy_acked_per_s']:,} acked/s (steady "
+                        f"{r['steady_acked_per_s']:,}), daemon "
                         f"{r['daemon_cpu_s_per_100k']:.3f} CPU s/100k")
                     runs.append(r)
     except Failed as exc:
