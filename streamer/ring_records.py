@@ -17,7 +17,7 @@ state, end reason, the address texts) comes from small lookup tables.
 The decoded record equals records.record_of_raw(abi.decode_event(...)),
 field for field (key order aside); tests/unit/test_ring_records.py checks
 that on random events of every type, family and protocol. The bytes are
-about 60 longer than msgpack's smallest encoding (fixed-width integers).
+about 50 longer than msgpack's smallest encoding (fixed-width integers).
 """
 
 from __future__ import annotations
