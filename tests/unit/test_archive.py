@@ -12,7 +12,6 @@ import zlib
 
 import pytest
 
-from streamer import archive
 from streamer.archive import (HEADER_BYTES, MAGIC, ArchiveError, ArchiveReader, ArchiveWriter,
                               encode_frame, segment_files, segment_name)
 from streamer.errors import ConfigError
