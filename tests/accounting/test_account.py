@@ -25,7 +25,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from streamer import records, wire
+from streamer import wire
 from streamer.accounting.consumer import consume
 from streamer.accounting.db import wire_ct_id
 from streamer.accounting.top import flow_count, top_talkers

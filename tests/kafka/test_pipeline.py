@@ -46,7 +46,7 @@ from tests.kafka.pipeline_support import (
     spool_frames,
     truncate,
 )
-from tests.netns.test_cli import ctstream, state_file
+from tests.netns.test_cli import state_file
 from tests.netns.test_reliability import (
     TCP_PORT,
     UDP_PORT,

@@ -22,7 +22,6 @@ import os
 import select
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict

@@ -19,7 +19,6 @@ Timeouts are bounds, never measurements.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import urllib.request
 import uuid

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import pytest

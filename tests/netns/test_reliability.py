@@ -32,7 +32,7 @@ import pytest
 
 from streamer import abi, testbed
 from streamer.table import PinnedTable
-from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove, state_file
+from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove
 
 pytestmark = pytest.mark.root
 
