@@ -582,7 +582,7 @@ def _params():
         yield pytest.param(c, id=c.name, marks=marks)
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(_params()))
 def test_case(bench, case: Case):
     bench.reset()
     if case.config:
