@@ -51,6 +51,7 @@ import aiokafka  # noqa: E402
 
 from streamer import abi, records, wire  # noqa: E402
 from streamer.events import Clock, Event  # noqa: E402
+from streamer.local_servers import free_port_pair, live_pids  # noqa: E402
 from streamer.producer import KafkaSettings, Producer  # noqa: E402
 
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
@@ -199,33 +200,8 @@ def kafka_sh(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([str(KAFKA_SH), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def free_port_pair() -> int:
-    """A loopback port P with P + 1 free too (the broker's controller port)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two adjacent free loopback ports")
-
-
 def broker_pids(directory: Path) -> list[int]:
-    needle = f"{directory}/server.properties".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"kafka.Kafka" in cmdline and needle in cmdline:
-                pids.append(int(proc.name))
-    return pids
+    return live_pids(b"kafka.Kafka", f"{directory}/server.properties".encode())
 
 
 # ---- one produce run ------------------------------------------------------------------

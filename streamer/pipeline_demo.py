@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from .config import DatapathConfig, Timeouts
 from .errors import EnvironmentProblem, StreamerError
+from .local_servers import free_port_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
@@ -58,27 +58,10 @@ def say(msg: str) -> None:
 
 # ---- the broker ---------------------------------------------------------------------
 
-def _free_port_pair() -> int:
-    """A loopback port P with P + 1 free too (the broker's controller)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise EnvironmentProblem("no two adjacent free loopback ports for the demo's broker")
-
-
 class DemoBroker:
     def __init__(self, directory: Path):
         self.directory = directory
-        self.port = _free_port_pair()
+        self.port = free_port_pair()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.started = False
 

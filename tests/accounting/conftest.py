@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from streamer.local_servers import free_port, live_pids
 from tests.kafka.conftest import kafka_broker  # noqa: F401  (the session's broker)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,27 +55,9 @@ def postgres_sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def postmaster_pids(directory: Path) -> list[int]:
     """Live (not zombie) server processes of the cluster in `directory`."""
-    needle = f"-D\0{directory}/data".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+    return live_pids(f"-D\0{directory}/data".encode())
 
 
 @pytest.fixture(scope="session")

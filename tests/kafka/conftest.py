@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from streamer.local_servers import free_port_pair, live_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
@@ -33,38 +34,9 @@ def kafka_sh(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([str(KAFKA_SH), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def free_port_pair() -> int:
-    """A loopback port P with P + 1 also free (the controller's default)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two adjacent free loopback ports")
-
-
 def broker_pids(directory: Path) -> list[int]:
     """Live kafka.Kafka processes whose config is in `directory`."""
-    needle = f"{directory}/server.properties".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"kafka.Kafka" in cmdline and needle in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+    return live_pids(b"kafka.Kafka", f"{directory}/server.properties".encode())
 
 
 def stop_and_check(directory: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from streamer.local_servers import free_port, live_pids
 from tests.kafka.conftest import pytest_collection_modifyitems as _kafka_skips
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,27 +50,9 @@ def mosquitto_sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def mosquitto_pids(directory: Path) -> list[int]:
     """Live mosquitto processes whose config is in `directory`."""
-    needle = f"{directory}/mosquitto.conf".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmdline.startswith(b"mosquitto\0") and needle in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+    return live_pids(f"{directory}/mosquitto.conf".encode(), argv0=b"mosquitto\0")
 
 
 @dataclass
