@@ -43,8 +43,10 @@ TIMEOUT=${CTSTREAM_KAFKA_TIMEOUT:-60}
 STOP_TIMEOUT=30
 AUTO_CREATE=false
 
-say() { echo "kafka: $*" >&2; }
-die() { echo "kafka: error: $*" >&2; exit 1; }
+KILL=false
+NAME=kafka
+# shellcheck source=server_lib.sh
+. "$HERE/server_lib.sh"
 
 usage() {
     sed -n '6,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -105,20 +107,10 @@ run_tool() {
 
 pid_file() { echo "$DIR/kafka.pid"; }
 
-# One start or stop at a time per DIR (fd 7; the broker does not inherit it).
-lock_dir() {
-    exec 7>"$DIR/kafka.lock"
-    flock -w 120 7 || die "another kafka.sh start/stop holds $DIR/kafka.lock"
-}
+lock_dir() { lock_file "$DIR/kafka.lock" 120; }
 
-# A live process (zombies count as gone) that is our broker for DIR.
-broker_alive() {
-    local pid=$1 state
-    [ -r "/proc/$pid/stat" ] || return 1
-    state=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)
-    [ "$state" != Z ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $DIR/server.properties"
-}
+# A live process that is our broker for DIR.
+broker_alive() { proc_running "$1" "kafka.Kafka $DIR/server.properties"; }
 
 # The pid from DIR's pid file if that broker is running; empty otherwise.
 running_pid() {
@@ -126,8 +118,6 @@ running_pid() {
     pid=$(cat "$(pid_file)" 2>/dev/null || true)
     if [ -n "$pid" ] && broker_alive "$pid"; then echo "$pid"; fi
 }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 probe() { python3 "$PROBE" "$HOST" "$1" 2; }
 
@@ -146,24 +136,6 @@ dir_port() { sed -n 's/^ctstream.bootstrap=.*:\([0-9]*\)$/\1/p' "$DIR/server.pro
 
 check_port() {
     [[ $2 =~ ^[0-9]+$ ]] && [ "$2" -ge 1 ] && [ "$2" -le 65535 ] || die "$1 must be a port number 1..65535, got '$2'"
-}
-
-# SIGTERM (controlled shutdown), SIGKILL after STOP_TIMEOUT seconds.
-terminate() {
-    local pid=$1 waited=0
-    kill -TERM "$pid" 2>/dev/null || true
-    while broker_alive "$pid"; do
-        if [ "$waited" -ge $((STOP_TIMEOUT * 10)) ]; then
-            say "broker $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            while broker_alive "$pid"; do sleep 0.1; done
-            break
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    # Reap it if it is our own child (a failed start); otherwise init does.
-    wait "$pid" 2>/dev/null || true
 }
 
 write_properties() {
@@ -217,7 +189,7 @@ explain_log() {
 STARTED_PID=
 abort_start() {
     if [ -n "$STARTED_PID" ]; then
-        STOP_TIMEOUT=5 terminate "$STARTED_PID"
+        STOP_TIMEOUT=5 terminate_broker "$STARTED_PID"
         rm -f "$(pid_file)"
     fi
 }
@@ -331,7 +303,7 @@ cmd_stop() {
     local pid
     pid=$(running_pid)
     if [ -n "$pid" ]; then
-        terminate "$pid"
+        terminate_broker "$pid"
         say "stopped the broker in $DIR (pid $pid)"
     fi
     rm -f "$(pid_file)"

@@ -30,8 +30,9 @@ KILL=false
 USER_NAME=
 PASSWORD_FILE=
 
-say() { echo "mosquitto: $*" >&2; }
-die() { echo "mosquitto: error: $*" >&2; exit 1; }
+NAME=mosquitto
+# shellcheck source=server_lib.sh
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/server_lib.sh"
 
 usage() {
     sed -n '6,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -40,20 +41,10 @@ usage() {
 
 pid_file() { echo "$DIR/mosquitto.pid"; }
 
-# One start or stop at a time per DIR (fd 7; the broker does not inherit it).
-lock_dir() {
-    exec 7>"$DIR/mosquitto.lock"
-    flock -w 30 7 || die "another mosquitto.sh start/stop holds $DIR/mosquitto.lock"
-}
+lock_dir() { lock_file "$DIR/mosquitto.lock" 30; }
 
-# A live process (zombies count as gone) that is the broker of DIR's config.
-broker_alive() {
-    local pid=$1 state
-    [ -r "/proc/$pid/stat" ] || return 1
-    state=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)
-    [ "$state" != Z ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-c $DIR/mosquitto.conf"
-}
+# A live process that is the broker of DIR's config.
+broker_alive() { proc_running "$1" "-c $DIR/mosquitto.conf"; }
 
 running_pid() {
     local pid
@@ -61,34 +52,10 @@ running_pid() {
     if [ -n "$pid" ] && broker_alive "$pid"; then echo "$pid"; fi
 }
 
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
-
 dir_port() { sed -n 's/^listener \([0-9]*\) .*/\1/p' "$DIR/mosquitto.conf" 2>/dev/null; }
 
 check_port() {
     [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ] || die "--port must be a port number 1..65535, got '$1'"
-}
-
-# SIGTERM, SIGKILL after STOP_TIMEOUT seconds (at once with --kill); returns
-# only when the process is gone.
-terminate() {
-    local pid=$1 waited=0
-    if $KILL; then
-        kill -KILL "$pid" 2>/dev/null || true
-    else
-        kill -TERM "$pid" 2>/dev/null || true
-    fi
-    while broker_alive "$pid"; do
-        if [ "$waited" -ge $((STOP_TIMEOUT * 10)) ]; then
-            say "broker $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            while broker_alive "$pid"; do sleep 0.05; done
-            break
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    wait "$pid" 2>/dev/null || true
 }
 
 write_config() {
@@ -144,7 +111,7 @@ explain_log() {
 STARTED_PID=
 abort_start() {
     if [ -n "$STARTED_PID" ]; then
-        KILL=true terminate "$STARTED_PID"
+        KILL=true terminate_broker "$STARTED_PID"
         rm -f "$(pid_file)"
     fi
 }
@@ -240,7 +207,7 @@ cmd_stop() {
     local pid
     pid=$(running_pid)
     if [ -n "$pid" ]; then
-        terminate "$pid"
+        terminate_broker "$pid"
         say "$($KILL && echo killed || echo stopped) the broker in $DIR (pid $pid)"
     fi
     rm -f "$(pid_file)"

@@ -41,8 +41,9 @@ BIN=${CTSTREAM_PG_BIN:-/usr/lib/postgresql/15/bin}
 STOP_TIMEOUT=15
 KILL=false
 
-say() { echo "postgres: $*" >&2; }
-die() { echo "postgres: error: $*" >&2; exit 1; }
+NAME=postgres
+# shellcheck source=server_lib.sh
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/server_lib.sh"
 
 usage() {
     sed -n '6,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -51,20 +52,10 @@ usage() {
 
 data_dir() { echo "$DIR/data"; }
 
-# One start or stop at a time per DIR (fd 7; the server does not inherit it).
-lock_dir() {
-    exec 7>"$DIR/postgres.lock"
-    flock -w 60 7 || die "another postgres.sh start/stop holds $DIR/postgres.lock"
-}
+lock_dir() { lock_file "$DIR/postgres.lock" 60; }
 
-# A live process (zombies count as gone) that is the postmaster of DIR's cluster.
-server_alive() {
-    local pid=$1 state
-    [ -r "/proc/$pid/stat" ] || return 1
-    state=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)
-    [ "$state" != Z ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-D $(data_dir) "
-}
+# A live process that is the postmaster of DIR's cluster.
+server_alive() { proc_running "$1" "-D $(data_dir) "; }
 
 # The postmaster's pid (first line of postmaster.pid) if it is running.
 running_pid() {
@@ -72,8 +63,6 @@ running_pid() {
     pid=$(head -n 1 "$(data_dir)/postmaster.pid" 2>/dev/null || true)
     if [[ $pid =~ ^[0-9]+$ ]] && server_alive "$pid"; then echo "$pid"; fi
 }
-
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 # The port the running cluster was started with (postmaster.pid, line 4).
 dir_port() { sed -n '4p' "$(data_dir)/postmaster.pid" 2>/dev/null; }
