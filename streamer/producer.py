@@ -525,7 +525,6 @@ class Producer:
     def _append(self, session: _Session, records) -> set[_Batch]:
         """Add the records to their partitions' open batches, in call order;
         the batches that hold them. No await: calls cannot interleave."""
-        kafka = session.kafka
         parts = session.partitions
         count = len(parts)
         queues = session.queues
@@ -541,27 +540,24 @@ class Producer:
             batch = used.get(p)
             if batch is None:
                 queue = queues[p]
-                if queue:
-                    batch = queue[-1]
-                else:
-                    batch = _Batch(kafka.create_batch(), loop)
-                    queue.append(batch)
-                    session.unacked.add(batch)
+                batch = queue[-1] if queue else self._open_batch(session, p, loop)
                 used[p] = batch
                 touched.add(batch)
-            if batch.records.append(batch.count, ts, key, value, header) is not None:
-                batch.count += 1
-            else:                            # full: the next batch of p takes the rest
-                batch.seal()
-                batch = _Batch(kafka.create_batch(), loop)
-                queues[p].append(batch)
-                session.unacked.add(batch)
-                used[p] = batch
+            if not batch.add(ts, key, value, header):   # full (sealed): the next batch takes it
+                batch = used[p] = self._open_batch(session, p, loop)
                 touched.add(batch)
                 batch.add(ts, key, value, header)
         for p in used:
             session.wake[p].set()
         return touched
+
+    @staticmethod
+    def _open_batch(session: _Session, p: int, loop: asyncio.AbstractEventLoop) -> _Batch:
+        """A new open batch, last in partition p's queue."""
+        batch = _Batch(session.kafka.create_batch(), loop)
+        session.queues[p].append(batch)
+        session.unacked.add(batch)
+        return batch
 
     async def _pump(self, session: _Session, p: int) -> None:
         """Hand partition p's batches to aiokafka, oldest first, keeping at
