@@ -28,6 +28,11 @@ Files in the archive directory (`<spool dir>/archive`, mode 0700):
   after `segment_bytes` or `segment_s`; each open starts a new one.
 - `lock`: flock'ed by the one writer. Readers take no lock.
 
+`shed()` (the Kafka sink calls it when the spool's disk is full: the spool
+keeps the delivery promise, the archive does not) makes the worker remove
+every segment at its next pass, the one being written too; archiving goes on
+in a new segment when there is room.
+
 Pruning removes whole segments, never the one being written: the oldest
 while the others leave less than one segment of room below `max_bytes`, and
 every one whose mtime (its last write) is older than `max_age_s`, i.e. that
@@ -188,6 +193,8 @@ class ArchiveWriter:
         self.written = 0               # records written
         self.written_bytes = 0
         self.pruned = 0                # segments removed
+        self.shed_segments = 0         # of them, removed to give the spool room
+        self._shed = False
         self.error: str | None = None  # the last write error, until a write succeeds
         self._queue: collections.deque[list] = collections.deque()
         self._closed = False
@@ -342,7 +349,32 @@ class ArchiveWriter:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
+    def shed(self) -> None:
+        """Give the disk up: the worker removes every segment at its next pass.
+        Any thread; never blocks."""
+        self._shed = True
+
+    def _shed_all(self) -> None:
+        self._shed = False
+        self._close_segment()
+        gone = 0
+        for _first, name in segment_files(self.directory):
+            try:
+                os.unlink(os.path.join(self.directory, name))
+                gone += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("archive %s: cannot remove %s: %s", self.directory, name, exc.strerror)
+        if gone:
+            self.pruned += gone
+            self.shed_segments += gone
+            log.warning("archive %s: removed %d segment(s) to give the spool room on a full "
+                        "disk; replay cannot reach those records", self.directory, gone)
+
     def _maintain(self) -> None:
+        if self._shed:
+            self._shed_all()
         if self._fd >= 0 and self._size and time.monotonic() - self._opened_at >= self.segment_s:
             self._roll()
         now = time.monotonic()
@@ -389,7 +421,8 @@ class ArchiveWriter:
     def stats(self) -> dict:
         return {"archive_dir": self.directory, "archive_records": self.written,
                 "archive_queued": self.queued, "archive_dropped": self.dropped,
-                "archive_failed": self.failed, "archive_error": self.error}
+                "archive_failed": self.failed, "archive_error": self.error,
+                "archive_shed_segments": self.shed_segments}
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, stop the worker, release the lock.

@@ -21,6 +21,14 @@ does not ack them, the kernel's outbox keeps them and emits them again after
 its grace time. A refused CREATE or UPDATE is counted in `spool_refused`;
 the kernel does not retry those.
 
+A disk that fails the spool (full, read-only, I/O errors) is a full spool,
+not the end of the daemon: the batch the failed sync held is not durable, so
+its DESTROYs are refused (the kernel keeps them) and its other records counted
+in `spool_refused`; `spool_write_error` says why until a write works again
+(status, metrics, the MQTT alert `spool_unwritable`). The archive, on the
+same disk, gives its room up first (`ArchiveWriter.shed`). The drain goes on
+all the while: it is what frees the disk.
+
 The commit and the drain hold one lock, so the choice between the two paths
 and the drain's last batch cannot interleave.
 """
@@ -40,7 +48,7 @@ from .records import check_node_id, encode_event, lost_record, message_key
 from .ring_records import RingEncoder
 from .archive import ArchiveWriter, archive_dir
 from .sink import Sink
-from .spool import Spool, SpoolFull
+from .spool import Spool, SpoolError, SpoolFull, SpoolUnwritable, SpoolWriteError
 from .wire import encode
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,7 @@ class KafkaSink(Sink):
         self.sent_live = 0
         self.sent_from_spool = 0
         self.spooled = 0
+        self.spool_write_error: str | None = None   # why the spool's disk refuses writes
 
     def _acked(self, records: int, latency_s: float) -> None:
         if self.on_ack is not None:
@@ -196,24 +205,53 @@ class KafkaSink(Sink):
             return await self._to_spool(batch, refs)
 
     async def _to_spool(self, batch, refs: dict) -> set:
+        """Spool the batch; the ack references of the DESTROYs that are not
+        durable (full spool, failing disk): the kernel keeps those."""
         refused = set()
+        spool, plain = self.spool, 0
+        unwritable = None
         for i, (key, value, time_ms) in enumerate(batch):
             try:
-                self.spool.append(key, value, time_ms)
-            except SpoolFull:
+                spool.append(key, value, time_ms)
+            except SpoolFull as exc:
                 ref = refs.get(i)
                 if ref is not None:
                     refused.add(ref)
                 else:
                     self.spool_refused += 1
-        await asyncio.to_thread(self.spool.sync)
-        self.spooled += len(batch) - len(refused)
-        if refused:
+                if isinstance(exc, SpoolUnwritable):
+                    unwritable = str(exc)
+                continue
+            if i not in refs:
+                plain += 1
+        try:
+            await asyncio.to_thread(spool.sync)
+        except SpoolWriteError as exc:
+            # Nothing of the batch is durable: no DESTROY of it is acked.
+            self.spool_refused += plain
+            self._disk_failed(str(exc))
+            return set(refs.values())
+        if unwritable is not None:
+            self._disk_failed(unwritable)
+        elif self.spool_write_error is not None and spool.write_error is None:
+            log.warning("spool %s: writing again", self.spool_dir)
+            self.spool_write_error = None
+        self.spooled += plain + len(refs) - len(refused)
+        if refused and unwritable is None:
             log.warning("spool %s is full (%d bytes): %d DESTROY(s) stay in the kernel's "
                         "outbox until there is room", self.spool_dir, self.spool.depth_bytes,
                         len(refused))
         self._kick.set()
         return refused
+
+    def _disk_failed(self, why: str) -> None:
+        if self.spool_write_error is None:
+            log.error("%s; DESTROYs stay in the kernel's outbox, other records are counted "
+                      "as refused, until it writes again", why)
+        self.spool_write_error = why
+        if self.archive is not None:
+            self.archive.shed()     # the archive's room goes to the spool first
+        self._kick.set()
 
     # ---- Kafka away and back ------------------------------------------------------------
     async def _connect(self) -> bool:
@@ -240,7 +278,12 @@ class KafkaSink(Sink):
                 if not self.producer.connected and not await self._connect():
                     await asyncio.sleep(RETRY_S)
                     continue
-                if not await self._drain_batch():
+                try:
+                    drained = await self._drain_batch()
+                except SpoolError as exc:   # a read failed: the disk, again later
+                    log.error("spool %s: %s; draining again in %g s", self.spool_dir, exc, RETRY_S)
+                    drained = False
+                if not drained:
                     await asyncio.sleep(RETRY_S)
 
     async def _drain_batch(self) -> bool:
@@ -284,6 +327,9 @@ class KafkaSink(Sink):
             "spool_full": bool(sp and sp.full),
             "spool_full_refusals": sp.full_refusals if sp else 0,
             "spool_refused_events": self.spool_refused,
+            "spool_write_error": sp.write_error if sp else None,
+            "spool_write_failures": sp.write_failures if sp else 0,
+            "spool_cursor_lag": sp.cursor_lag if sp else None,
             "pending": len(self._pending),
             "time": time.time(),
             **(self.archive.stats() if self.archive is not None else {"archive_dir": None}),

@@ -43,7 +43,27 @@ full spool loses no DESTROY; it moves the wait into the kernel's table, whose
 own limit is the next line of defence. CREATE and UPDATE records are not
 retried by the kernel: a refused one is gone and should be counted as such.
 Disk use is at most about max_bytes, plus one segment of delivered records
-still in the active segment.
+still in the active segment; once every record is delivered the active
+segment goes too (a small filesystem is not left full of delivered records).
+
+A failing disk (ENOSPC, EDQUOT, EIO, a read-only filesystem) is treated as a
+full spool, never as the end of the spool. A `sync` that fails discards every
+record not yet durable (also any appended while it ran: a caller that appends
+during a sync must treat its failure as theirs), cuts the files back to their
+durable length where it can (a tail it cannot cut stays in a sealed segment,
+past its durable length: reads never look there, recovery skips it or finds
+whole frames in it, which are duplicates the dedupe key absorbs), and raises
+SpoolWriteError; offsets are not handed out again. Appends are then refused
+with SpoolUnwritable, a SpoolFull, for WRITE_RETRY_S, after which the next
+append tries the disk again; a delivery that retires a segment ends the wait
+at once. Reads and deliveries go on meanwhile, so a drain frees the disk. A
+cursor that cannot be written (the disk being full is exactly when the drain
+must free it) first gives up the `reserve` file (RESERVE_BYTES, made at open
+and again once there is room), then, if it still fails, the delivered cursor
+moves on in memory only: the drain continues, no segment is deleted until a
+cursor write succeeds, and a restart before then sends those records again
+(duplicates, not losses). A spool directory on a read-only filesystem opens
+read-only: what it holds is drained, nothing new goes in.
 
 Delivered segments are deleted, not kept: the archive for `ctstream replay`
 is streamer/archive.py's, which the Kafka sink feeds with every record Kafka
@@ -58,6 +78,7 @@ next one. `read` and `mark_delivered` are meant for one drain at a time.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -65,6 +86,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -81,6 +103,9 @@ READ_CHUNK = 256 << 10
 MIN_SEGMENT_BYTES = 256
 MAX_OFFSET = (1 << 63) - 1
 CURSOR_MAGIC = b"ctstream-spool-cursor"
+WRITE_RETRY_S = 1.0                  # appends refused this long after a failed write
+RESERVE_BYTES = 64 << 10             # given up so that a cursor can be written on a full disk
+RESERVE_NAME = "reserve"
 _SEGMENT_NAME = re.compile(r"seg-(\d{20})\.spool")
 _HINTS_KEPT = 64
 
@@ -93,6 +118,16 @@ class SpoolError(StreamerError):
 
 class SpoolFull(SpoolError):
     """An append was refused: undelivered records already fill max_bytes."""
+
+
+class SpoolUnwritable(SpoolFull):
+    """An append was refused: the disk failed the last write (full, read-only,
+    I/O error). Like a full spool, it passes."""
+
+
+class SpoolWriteError(SpoolError):
+    """A sync failed: the records appended since the last good sync are not
+    durable and were discarded; the spool stays open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +269,7 @@ class _Segment:
     seeks without scanning the file."""
 
     __slots__ = ("path", "name", "first", "last", "records", "bytes", "durable_bytes",
-                 "delivered_pos", "delivered_records", "holes", "index_offsets",
+                 "durable_records", "durable_last", "delivered_pos", "delivered_records", "holes", "index_offsets",
                  "index_at", "next_index_at", "wfd", "rfd", "sealed", "bound", "on_disk")
 
     def __init__(self, directory: str, first: int):
@@ -245,6 +280,8 @@ class _Segment:
         self.records = 0
         self.bytes = 0
         self.durable_bytes = 0
+        self.durable_records = 0
+        self.durable_last = first - 1
         self.delivered_pos = 0
         self.delivered_records = 0
         self.holes: dict[int, int] = {}
@@ -315,7 +352,13 @@ class Spool:
         self._full = False
         self._room = max_bytes
         self._closed = False
-        self._failed: str | None = None
+        self.read_only = False
+        # Why the disk refused the last write, and when appends may try again.
+        self.write_error: str | None = None
+        self.write_failures = 0
+        self._retry_at = 0.0
+        self._cursor_lag: str | None = None  # the cursor on disk is behind _delivered
+        self._reserve = True                 # the reserve file is there (or not wanted yet)
         self._lock = threading.Lock()        # in-memory state; held briefly, never over I/O
         self._sync_lock = threading.Lock()   # one sync at a time, so buffers reach disk in order
         self._drain_lock = threading.Lock()  # read, mark_delivered and retirement
@@ -325,6 +368,10 @@ class Spool:
             self._take_lock()
             self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._recover()
+            if self.read_only:
+                self._refuse_writes("the spool's filesystem is read-only", forever=True)
+            else:
+                self._make_reserve()
         except BaseException:
             self._release_fds()
             raise
@@ -345,7 +392,17 @@ class Spool:
         try:
             self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise SpoolError(f"cannot open the spool lock {path}: {exc.strerror}") from exc
+            if exc.errno != errno.EROFS:
+                raise SpoolError(f"cannot open the spool lock {path}: {exc.strerror}") from exc
+            # A read-only filesystem: drain what is there, take nothing new.
+            # flock works on a read-only descriptor; without a lock file the
+            # directory itself is locked.
+            self.read_only = True
+            try:
+                self._lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY
+                                        | os.O_CLOEXEC)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -356,14 +413,17 @@ class Spool:
             raise SpoolError(f"the spool {self.directory} is already open "
                              f"(lock {path} held{' by pid ' + holder if holder else ''}); "
                              f"only one process may use a spool directory") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        # Who holds it, for the message above; fixed width and written in
+        # place, so that it needs no new disk block (a full disk must not
+        # stop the spool from opening).
+        with contextlib.suppress(OSError):
+            os.pwrite(self._lock_fd, f"{os.getpid():<15}\n".encode(), 0)
 
     def _recover(self) -> None:
         report = RecoveryReport()
         self.recovery = report
         tmp = os.path.join(self.directory, "cursor.tmp")
-        if os.path.exists(tmp):
+        if os.path.exists(tmp) and not self.read_only:
             os.unlink(tmp)      # a cursor write that never reached its rename
         delivered = self._read_cursor(report)
         files, bad_names = _segment_files(self.directory)
@@ -392,8 +452,9 @@ class Spool:
             [(self._active, self._buf)] if self._active else [])
         # A crash between the cursor's rename and the retirement it allowed
         # leaves wholly delivered segments behind; finish the job.
-        with self._drain_lock:
-            self._retire([s for s in segments if s.delivered_by(delivered)])
+        if not self.read_only:
+            with self._drain_lock:
+                self._retire([s for s in segments if s.delivered_by(delivered)])
         self._depth_bytes = sum(s.bytes - s.delivered_pos for s in self._segments)
         self._depth_records = sum(s.records - s.delivered_records for s in self._segments)
 
@@ -401,7 +462,7 @@ class Spool:
                          report: RecoveryReport) -> _Segment:
         seg = _Segment(self.directory, first)
         seg.on_disk = True
-        last_file = below is None
+        last_file = below is None and not self.read_only
         try:
             fd = os.open(seg.path, (os.O_RDWR if last_file else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
@@ -454,6 +515,7 @@ class Spool:
         finally:
             os.close(fd)
         seg.bytes = seg.durable_bytes = size
+        seg.durable_records, seg.durable_last = seg.records, seg.last
         report.records += seg.records
         return seg
 
@@ -483,7 +545,8 @@ class Spool:
         plen = len(key) + len(value)
         flen = HEADER_BYTES + plen
         with self._lock:
-            # _room is -1 once closed or failed, so one test guards the fast path.
+            # _room is -1 once closed or while the disk refuses writes, so one
+            # test guards the fast path.
             if self._depth_bytes + flen > self._room or plen > MAX_PAYLOAD:
                 self._refuse(flen, plen)
             off = self._next
@@ -492,7 +555,7 @@ class Spool:
             except struct.error as exc:
                 raise SpoolError(f"cannot spool a record with time_ms {time_ms!r}: {exc}") from None
             seg = self._active
-            if seg is None or (seg.bytes + flen > self.segment_bytes and seg.bytes):
+            if seg is None or seg.sealed or (seg.bytes + flen > self.segment_bytes and seg.bytes):
                 seg = self._roll(off)
             pos = seg.bytes
             if pos >= seg.next_index_at:
@@ -510,20 +573,43 @@ class Spool:
             return off
 
     def _refuse(self, flen: int, plen: int) -> None:
-        """Why an append cannot go in (caller holds _lock); always raises."""
+        """Why an append cannot go in (caller holds _lock). Raises, unless the
+        wait after a failed write is over and the record fits: then the
+        append goes on and tries the disk again."""
         self._check_usable()
         if flen > self.max_bytes or plen > MAX_PAYLOAD:
             raise SpoolError(f"a record of {flen} bytes can never fit in the spool "
                              f"(max_bytes {self.max_bytes}, payload at most {MAX_PAYLOAD})")
+        if self.write_error is not None and not self.read_only \
+                and time.monotonic() >= self._retry_at:
+            self._room = self.max_bytes
+            if self._depth_bytes + flen <= self._room:
+                return
         self._full = True
         self.full_refusals += 1
+        if self.write_error is not None and self._room < 0:
+            raise SpoolUnwritable(f"the spool {self.directory} cannot write: "
+                                  f"{self.write_error}")
         raise SpoolFull(f"the spool {self.directory} is full: {self._depth_bytes} "
                         f"undelivered bytes, max_bytes {self.max_bytes}")
+
+    def _refuse_writes(self, why: str, forever: bool = False) -> None:
+        """Appends are refused for WRITE_RETRY_S (caller holds _lock, or
+        nobody else has the spool yet)."""
+        self.write_error = why
+        self._room = -1
+        self._retry_at = float("inf") if forever else time.monotonic() + WRITE_RETRY_S
+
+    def _writes_work(self) -> None:
+        """A write reached the disk, or room was freed: appends go in again."""
+        if self.write_error is not None and not self.read_only and not self._closed:
+            self.write_error = None
+            self._room = self.max_bytes
 
     def _roll(self, first: int) -> _Segment:
         """Seal the active segment and make a new one (caller holds _lock).
         The file is created by the next sync, which fsyncs the directory."""
-        if self._active is not None:
+        if self._active is not None and not self._active.sealed:
             self._active.seal(first)
         seg = _Segment(self.directory, first)
         self._segments.append(seg)
@@ -535,7 +621,8 @@ class Spool:
     def sync(self) -> int:
         """Write what was appended and fsync it; returns the highest durable
         offset. Every record appended before the call survives a crash after
-        it returns."""
+        it returns. On a disk error it raises SpoolWriteError, having
+        discarded what was not durable (see the module docstring)."""
         with self._sync_lock:
             with self._lock:
                 self._check_usable()
@@ -545,10 +632,12 @@ class Spool:
                 if not pieces:
                     self._durable = upto
                     return upto
+                # What the pieces bring each segment to, once on disk.
+                marks = {id(s): (s.records, s.last) for s, _ in pieces}
                 self._buf = bytearray()
-                self._pieces = [(self._active, self._buf)]
+                self._pieces = [(self._active, self._buf)] if self._active else []
+            created = False
             try:
-                created = False
                 for seg, data in pieces:
                     if seg.wfd is None:
                         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
@@ -567,16 +656,20 @@ class Spool:
             except OSError as exc:
                 # After a failed write or fsync the kernel may have dropped the
                 # dirty pages and will not report it twice: nothing appended
-                # since the last good sync can be trusted, so stop here and let
-                # a reopen recover from what the disk really holds.
+                # since the last good sync can be trusted. Forget it, and
+                # refuse appends for a while: the daemon treats this as a full
+                # spool (its DESTROYs stay in the kernel's outbox).
+                why = f"{exc.strerror} ({exc.filename or self.directory})"
                 with self._lock:
-                    self._failed = f"writing {exc.filename or self.directory}: {exc.strerror}"
-                    self._room = -1
-                raise SpoolError(f"the spool {self.directory} cannot write: {exc.strerror}; "
-                                 f"reopen it to recover") from exc
+                    self._discard_unsynced()
+                    self.write_failures += 1
+                    self._refuse_writes(why)
+                raise SpoolWriteError(f"the spool {self.directory} cannot write: {why}; "
+                                      f"the records since the last sync are not durable") from exc
             with self._lock:
                 for seg, data in pieces:
                     seg.durable_bytes += len(data)
+                    seg.durable_records, seg.durable_last = marks[id(seg)]
                 for seg, _ in taken:
                     # Sealed and not in the new buffers: nothing more goes there.
                     if (seg.sealed and seg.wfd is not None
@@ -584,7 +677,81 @@ class Spool:
                         os.close(seg.wfd)
                         seg.wfd = None
                 self._durable = upto
+                self._writes_work()
+            if not self._reserve:
+                self._make_reserve()
             return upto
+
+    def _discard_unsynced(self) -> None:
+        """Forget every record that is not durable (caller holds _sync_lock
+        and _lock). Segments go back to their durable length; one that never
+        held a durable record goes; the last one left is sealed, so that new
+        records start a clean segment whether or not its file could be cut."""
+        kept: list[_Segment] = []
+        for seg in self._segments:
+            lost_records = seg.records - seg.durable_records
+            lost_bytes = seg.bytes - seg.durable_bytes
+            if lost_records or lost_bytes:
+                self._depth_records -= lost_records
+                self._depth_bytes -= lost_bytes
+                seg.records, seg.last, seg.bytes = (seg.durable_records, seg.durable_last,
+                                                    seg.durable_bytes)
+                while seg.index_at and seg.index_at[-1][0] >= seg.durable_bytes:
+                    seg.index_at.pop()
+                    seg.index_offsets.pop()
+                seg.next_index_at = seg.index_at[-1][0] + INDEX_STRIDE if seg.index_at else 0
+                if seg.wfd is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(seg.wfd, seg.durable_bytes)
+            if seg.durable_bytes == 0 and seg.delivered_pos == 0:
+                seg.close_fds()
+                if seg.on_disk:
+                    with contextlib.suppress(OSError):
+                        os.unlink(seg.path)
+                continue
+            kept.append(seg)
+        self._segments = kept
+        self._active = kept[-1] if kept else None
+        if self._active is not None and not self._active.sealed:
+            self._active.seal(self._next)
+        self._buf = bytearray()
+        self._pieces = []
+        for key in [k for k in self._hints if k > self._durable]:
+            del self._hints[key]
+
+    def _make_reserve(self) -> None:
+        """Make the reserve file, if there is room for it (best effort)."""
+        path = os.path.join(self.directory, RESERVE_NAME)
+        try:
+            if os.path.getsize(path) == RESERVE_BYTES:
+                self._reserve = True
+                return
+        except OSError:
+            pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, bytes(RESERVE_BYTES))
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._reserve = True
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._reserve = False
+
+    def _give_up_reserve(self) -> bool:
+        """Free the reserve's room for a cursor write; False if none is left."""
+        try:
+            os.unlink(os.path.join(self.directory, RESERVE_NAME))
+        except OSError:
+            self._reserve = False
+            return False
+        self._reserve = False
+        with contextlib.suppress(OSError):
+            os.fsync(self._dir_fd)
+        return True
 
     # -- draining
 
@@ -724,12 +891,18 @@ class Spool:
                 if offset > self._durable:
                     raise SpoolError(f"cannot mark offset {offset} delivered: records are "
                                      f"durable only up to {self._durable} (sync first)")
+                if offset == self._durable and not any(b for _, b in self._pieces):
+                    # Offsets above the durable ones with nothing buffered were
+                    # discarded by a failed sync: no record holds them, and
+                    # the segment sealed over them may go.
+                    offset = self._next - 1
                 segments = list(self._segments)
             # The cursor is durable before any segment it covers goes: a crash
             # in between leaves a delivered segment (retired at the next open),
             # never a cursor that lags behind deleted records, which would let
-            # offsets run backwards.
-            self._write_cursor(offset)
+            # offsets run backwards. A cursor that cannot be written moves on
+            # in memory only and nothing is retired (see the module docstring).
+            durable_cursor = self._persist_cursor(offset)
             whole: list[_Segment] = []
             partial = None
             for seg in segments:
@@ -756,7 +929,9 @@ class Spool:
                 for seg in whole:
                     self._depth_bytes -= seg.bytes - seg.delivered_pos
                     self._depth_records -= seg.records - seg.delivered_records
-                    self._segments.remove(seg)
+                    seg.delivered_pos, seg.delivered_records = seg.bytes, seg.records
+                    if durable_cursor:
+                        self._segments.remove(seg)
                 if partial is not None:
                     seg, pos, ordinal = partial
                     if pos > seg.delivered_pos:
@@ -765,9 +940,49 @@ class Spool:
                         seg.delivered_pos, seg.delivered_records = pos, ordinal
                 if whole or partial:
                     self._full = False
+                active = self._active
+                if durable_cursor and active is not None and active not in self._segments:
+                    self._active, self._pieces = None, []     # retired above, sealed
+                elif (durable_cursor and active is not None and offset >= self._next - 1
+                        and not self._buf and active.delivered_records == active.records
+                        and active.delivered_pos == active.bytes == active.durable_bytes):
+                    # Everything is delivered: the active segment goes too, so
+                    # that its delivered bytes do not hold the disk until it
+                    # fills up; the next append starts a new one.
+                    active.seal(self._next)
+                    self._segments.remove(active)
+                    self._active = None
+                    self._pieces = []
+                    whole.append(active)
+                if not durable_cursor:
+                    whole = []
             for key in [k for k in self._hints if k < offset]:
                 del self._hints[key]
             self._retire(whole)
+            if whole:
+                with self._lock:
+                    self._writes_work()
+                if not self._reserve:
+                    self._make_reserve()
+
+    def _persist_cursor(self, offset: int) -> bool:
+        """Write the cursor; on a full disk give up the reserve and try again.
+        False if it could not be written (it then lags, in memory only)."""
+        try:
+            self._write_cursor(offset)
+        except SpoolError as exc:
+            err = getattr(exc.__cause__, "errno", None)
+            if self.read_only or err not in (errno.ENOSPC, errno.EDQUOT) \
+                    or not self._give_up_reserve():
+                self._cursor_lag = str(exc)
+                return False
+            try:
+                self._write_cursor(offset)
+            except SpoolError as again:
+                self._cursor_lag = str(again)
+                return False
+        self._cursor_lag = None
+        return True
 
     def _write_cursor(self, offset: int) -> None:
         text = str(offset).encode()
@@ -834,23 +1049,28 @@ class Spool:
         return self._next
 
     @property
+    def cursor_lag(self) -> str | None:
+        """Why the delivered cursor on disk is behind the one in memory, if it is."""
+        return self._cursor_lag
+
+    @property
     def segments(self) -> int:
         return len(self._segments)
 
     def _check_usable(self) -> None:
         if self._closed:
             raise SpoolError(f"the spool {self.directory} is closed")
-        if self._failed:
-            raise SpoolError(f"the spool {self.directory} failed ({self._failed}); "
-                             f"reopen it to recover")
 
     def close(self) -> None:
         """Sync and release the lock. Idempotent."""
         if self._closed:
             return
         try:
-            if not self._failed:
-                self.sync()
+            if not self.read_only:
+                # What it cannot write now was never promised: the caller
+                # acks only after a sync of its own returned.
+                with contextlib.suppress(SpoolWriteError):
+                    self.sync()
         finally:
             with self._sync_lock, self._drain_lock, self._lock:
                 if not self._closed:
