@@ -163,7 +163,7 @@ def run_variant(args, name: str, extra: list[str], pair, bootstrap: str, broker_
                 "--spool", str(workdir / f"spool-{name}"),
                 "--timeout-udp", str(args.timeout_udp), "--report-interval", "0",
                 "--ring-size", str(args.ring_mb << 20), "--table-size", str(max(args.flows * 2, 1 << 16)),
-                "--lost-interval", "0", *extra]
+                "--lost-interval", "0", "--detach-on-stop", *extra]
     logf = open(workdir / f"daemon-{name}.log", "w")
     proc = subprocess.Popen([CTSTREAM, *run_argv], stdout=logf, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)

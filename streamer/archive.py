@@ -28,6 +28,10 @@ Files in the archive directory (`<spool dir>/archive`, mode 0700):
   after `segment_bytes` or `segment_s`; each open starts a new one.
 - `lock`: flock'ed by the one writer. Readers take no lock.
 
+The archive usually shares its filesystem with the spool, which keeps the
+delivery promise: it never writes into the last 1/FREE_FLOOR of the
+filesystem. Below that, it removes its oldest segments, and if that is not
+enough it leaves records out, counted in `failed` with the reason in `error`.
 `shed()` (the Kafka sink calls it when the spool's disk is full: the spool
 keeps the delivery promise, the archive does not) makes the worker remove
 every segment at its next pass, the one being written too; archiving goes on
@@ -95,6 +99,7 @@ ZSTD_LEVEL = 1
 FRAME_RECORDS = 8192                            # records per frame at most
 MIN_SEGMENT_BYTES = 4096
 PRUNE_EVERY_S = 10.0
+FREE_FLOOR = 8        # the archive leaves the last 1/FREE_FLOOR of its filesystem free
 CLOCK_SLACK_MS = 600_000                        # how far the wall clock may step back
 DROP_LOG_S = 60.0
 DEFAULT_SPOOL_ROOT = "/var/lib/ctstream/spool"
@@ -287,6 +292,14 @@ class ArchiveWriter:
             while q and len(records) < 8 * FRAME_RECORDS:
                 records += q.popleft()
             try:
+                low = self._disk_low()
+                if low is not None:
+                    self.failed += len(records)
+                    if low != self.error:
+                        log.warning("archive %s: %s", self.directory, low)
+                    self.error = low
+                    self._taken += len(records)
+                    continue
                 self._write(records)
             except OSError as exc:
                 self.failed += len(records)
@@ -348,6 +361,33 @@ class ArchiveWriter:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+    def _disk_low(self) -> str | None:
+        """None while the filesystem has more than its last 1/FREE_FLOOR free
+        (after removing old segments if needed), else why not to write."""
+        st = os.statvfs(self.directory)
+        size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        floor = size // FREE_FLOOR
+        if free >= floor:
+            return None
+        active = self._active if self._fd >= 0 else None
+        for _first, name in segment_files(self.directory):     # oldest first
+            if free >= floor:
+                break
+            if name == active:
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                used = os.stat(path).st_blocks * 512
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            free += used
+            self.pruned += 1
+        if free >= floor:
+            return None
+        return (f"the filesystem is nearly full ({free} of {size} bytes free): records are "
+                f"not archived while less than 1/{FREE_FLOOR} of it is free (the spool's room)")
 
     def shed(self) -> None:
         """Give the disk up: the worker removes every segment at its next pass.

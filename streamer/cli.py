@@ -38,16 +38,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 4096, 64k or 4m, got {text!r}") from None
 
 
-def _add_target_args(p: argparse.ArgumentParser) -> None:
+def _add_target_args(p: argparse.ArgumentParser, daemon: bool = False) -> None:
     p.add_argument("-i", "--interface", action="append", required=True, dest="ifaces", metavar="IFACE",
                    help="interface to attach XDP to (repeat for a gateway)")
     p.add_argument("--egress", action="store_true",
                    help="also attach a tc egress program, for connections that end on this host")
     p.add_argument("-n", "--netns", help="network namespace of the interfaces (name in /run/netns)")
-    p.add_argument("--keep", action="store_true",
-                   help="on stop, leave the programs attached and the maps pinned: the kernel "
-                        "keeps tracking, and the next start adopts the table and its outbox "
-                        "(`ctstream detach` removes everything)")
+    if daemon:
+        # The daemon is restart-safe: a stop (systemctl restart, an upgrade)
+        # leaves the kernel tracking for the next start to adopt.
+        p.add_argument("--detach-on-stop", action="store_false", dest="keep",
+                       help="on a requested stop (SIGTERM, Ctrl-C), detach the programs and "
+                            "remove the maps, giving up live connections and unacked "
+                            "DESTROYs; by default they stay for the next start to adopt")
+        p.add_argument("--keep", action="store_true", default=True,
+                       help="leave the programs attached and the maps pinned on stop "
+                            "(the default of run)")
+    else:
+        p.add_argument("--keep", action="store_true",
+                       help="on stop, leave the programs attached and the maps pinned: the "
+                            "kernel keeps tracking, and the next start adopts the table and "
+                            "its outbox (`ctstream detach` removes everything); a failure "
+                            "always leaves them")
     p.add_argument("--lost-interval", type=_seconds, default=10.0, metavar="S",
                    help="seconds between LOST reports of new drops, 0 = off (%(default)g)")
     _add_datapath_args(p)
@@ -132,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="the daemon: track and ship every event to Kafka")
-    _add_target_args(r)
+    _add_target_args(r, daemon=True)
     k = r.add_argument_group("kafka")
     k.add_argument("--config", metavar="FILE.toml",
                    help="settings file: top-level keys are these long options without "

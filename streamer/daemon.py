@@ -4,9 +4,13 @@ and ack, and undo it all.
 Start order: load (compile, pin, configure; pins already there are adopted)
 -> ring reader -> committer -> sweeper task -> attach. Stop runs in reverse
 through an AsyncExitStack: detach, a last sweep and drain of the ring, a last
-commit and ack, close, unpin. With `keep`, stop leaves the programs attached
-and the maps pinned, so the kernel keeps tracking (and keeps the outbox) for
-the next start to adopt; a SIGKILLed daemon leaves the same state behind.
+commit and ack, close, unpin. The kernel's state outlives any stop that was
+not both requested and asked to remove it: with `keep`, and whenever the
+session fails (a dead part, an exception, a start that fails after adopting
+pins or attaching), the programs stay attached and the maps pinned, so the
+kernel keeps tracking (and keeps the outbox) for the next start to adopt, as
+after a SIGKILL. Only a requested stop without `keep`, or a start that fails
+before anything was attached to fresh maps, removes them.
 
 Events flow: ring -> sink.ring_writer (the Kafka sink makes its record from
 the ring record's bytes; other sinks get an events.Event). The committer makes what was
@@ -98,6 +102,12 @@ class Session:
     parts: list = field(default_factory=list)
     observers: list[Callable[[dict], None]] = field(default_factory=list)
     _tasks: list = field(default_factory=list)
+    # Set by stop: the programs were left attached and the maps pinned.
+    left_state: bool = False
+    _crashed: bool = False        # left by an exception, not by stop()
+    _attached: bool = False
+    status_errors: int = 0        # status file writes that failed
+    _status_error: str | None = None
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:
@@ -112,12 +122,21 @@ class Session:
         try:
             await self._start()
         except BaseException:
+            # Adopted pins hold live entries and unacked DESTROYs, and once
+            # attached the programs track: neither is undone by a failed start.
+            self._crashed = self._attached or (self.dp is not None and self.dp.adopted)
             await self._stack.__aexit__(None, None, None)
             raise
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self._stack.__aexit__(*exc)
+    async def __aexit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            self._crashed = True
+        await self._stack.__aexit__(exc_type, *rest)
+
+    def keeps_state(self) -> bool:
+        """Whether stopping now leaves the programs attached and the maps pinned."""
+        return self.keep or self.failure is not None or self._crashed
 
     async def _start(self) -> None:
         clock = Clock()
@@ -191,6 +210,7 @@ class Session:
         # namespace (setns) then changes only that worker thread.
         self._stack.push_async_callback(asyncio.to_thread, self._detach)
         await asyncio.to_thread(self._attach)
+        self._attached = True
         for part in self.parts:
             await part.start(self)
             self._stack.push_async_callback(part.aclose)
@@ -203,6 +223,8 @@ class Session:
             ifindex(ifname, self.target.netns)
 
     def _attach(self) -> None:
+        if self.dp.adopted:
+            self._attached = True   # the previous owner's programs are attached already
         previous = self.dp.previous_attachments() if self.dp.adopted else []
         for ifname in self.target.ifaces:
             self.dp.attach_xdp(ifname, self.target.netns)
@@ -334,9 +356,25 @@ class Session:
                 log.error("status observer %s failed: %s", getattr(fn, "__qualname__", fn), exc)
 
     def write_status(self) -> None:
+        """Rewrite the status file. A disk that refuses it (full, read-only)
+        is said once and counted; it never stops the daemon."""
         tmp = self._status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status()))
-        os.replace(tmp, self._status_file)
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, self._status_file)
+        except OSError as exc:
+            self.status_errors += 1
+            why = f"{exc.strerror} ({exc.filename or self._status_file})"
+            if why != self._status_error:
+                log.error("status file %s cannot be written: %s; `ctstream status` shows "
+                          "older figures until it can", self._status_file, why)
+            self._status_error = why
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        if self._status_error is not None:
+            log.warning("status file %s: written again", self._status_file)
+        self._status_error = None
 
     def _remove_status(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -351,8 +389,14 @@ class Session:
 
     # ---- stop ------------------------------------------------------------------
     def _detach(self) -> None:
-        if self.keep:
-            log.info("leaving the datapath attached and pinned at %s", self.cfg.pin_dir)
+        if self.keeps_state():
+            self.left_state = True
+            why = "as asked" if self.keep and not (self.failure or self._crashed) else \
+                "because the daemon failed"
+            log.warning("the programs stay attached and the maps pinned at %s (%s): the "
+                        "kernel keeps tracking and keeps unacked DESTROYs; the next start "
+                        "with this pin dir adopts them, `ctstream detach --pin-dir %s` "
+                        "removes them", self.cfg.pin_dir, why, self.cfg.pin_dir)
             return
         problems = self.dp.detach_all()
         for p in problems:
@@ -368,7 +412,7 @@ class Session:
             log.error("final drain of the event ring failed: %s", exc)
 
     def _unpin(self) -> None:
-        if not (self.keep or self.keep_pins):
+        if not (self.keeps_state() or self.keep_pins):
             remove_pins(self.cfg.pin_dir)
 
     # ---- state -----------------------------------------------------------------
