@@ -26,6 +26,12 @@ partitions in a rebalance and has not noticed yet) wrote the same keys in
 between, the insert fails, the transaction rolls back and runs again, and
 then sees them as duplicates. Rollups are updated in key order, so that two
 consumers never wait for each other's rows in opposite orders.
+
+A stored offset only moves forward. That same late consumer may commit its
+batch after the partition's new owner committed later ones: its rows are
+duplicates then, and its lower offsets must not win either, or a restart
+would read again from there (store_offsets keeps the higher one, also when
+the two transactions commit at the same moment).
 """
 
 from __future__ import annotations
@@ -361,13 +367,28 @@ def _keep_newest(latest: dict, flow: tuple, rec: dict) -> None:
         latest[flow] = (rec, snap_seq if snap_seq is not None else have[1])
 
 
+_UPSERT_OFFSETS = (
+    "INSERT INTO kafka_offsets (topic, kpartition, next_offset, consumer_group, updated_ms) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic, kpartition) DO UPDATE SET "
+    "next_offset = excluded.next_offset, consumer_group = excluded.consumer_group, "
+    "updated_ms = excluded.updated_ms")
+_FORWARD_ONLY = " WHERE excluded.next_offset > kafka_offsets.next_offset"
+
+
 def store_offsets(cur, offsets: Offsets, now_ms: int) -> None:
-    cur.executemany(
-        "INSERT INTO kafka_offsets (topic, kpartition, next_offset, consumer_group, updated_ms) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic, kpartition) DO UPDATE SET "
-        "next_offset = excluded.next_offset, consumer_group = excluded.consumer_group, "
-        "updated_ms = excluded.updated_ms",
-        [(offsets.topic, p, o, offsets.group, now_ms) for p, o in sorted(offsets.next_offset.items())])
+    """Store where each partition resumes, unless its stored offset is as
+    high already: then the row is left as its writer left it.
+
+    The WHERE is evaluated against the latest committed row in both engines:
+    SQLite runs one writer at a time, and PostgreSQL's upsert waits for a
+    concurrent writer of the row to commit and then tests that version, so
+    the higher of two racing transactions wins whichever commits last."""
+    _upsert_offsets(cur, _UPSERT_OFFSETS + _FORWARD_ONLY, offsets, now_ms)
+
+
+def _upsert_offsets(cur, sql: str, offsets: Offsets, now_ms: int) -> None:
+    cur.executemany(sql, [(offsets.topic, p, o, offsets.group, now_ms)
+                          for p, o in sorted(offsets.next_offset.items())])
 
 
 def stored_offsets(cur, topic: str, partitions) -> dict[int, int]:
