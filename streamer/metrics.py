@@ -182,6 +182,14 @@ class SessionCollector:
             yield _gauge("ctstream_spool_bytes", "bytes in the spool, not yet in Kafka",
                          st["spool_bytes"])
             yield _gauge("ctstream_spool_max_bytes", "the spool's bound", st["spool_max"])
+            yield _gauge("ctstream_spool_writable",
+                         "0 while the spool's disk refuses writes (full, read-only, I/O errors)",
+                         int(st.get("spool_write_error") is None))
+            yield CounterMetricFamily("ctstream_spool_write_failures",
+                                      "spool syncs the disk failed", value=st.get("spool_write_failures", 0))
+            yield CounterMetricFamily("ctstream_spool_refused_events",
+                                      "CREATE/UPDATE/LOST records a full or failing spool refused",
+                                      value=st.get("spool_refused_events", 0))
         if "kafka_connected" in st:
             yield _gauge("ctstream_kafka_connected", "1 while the producer is connected",
                          int(bool(st["kafka_connected"])))

@@ -42,7 +42,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ALERTS = ("table_high", "early_drops", "ring_overflow", "kafka_down", "spool_high")
+ALERTS = ("table_high", "early_drops", "ring_overflow", "kafka_down", "spool_high",
+          "spool_unwritable")
 DEFAULT_PORT = 1883
 QUEUE_MAX = 256           # messages waiting for the broker; the oldest go first
 CONNECT_TIMEOUT = 5.0     # TCP connect + CONNACK
@@ -161,6 +162,9 @@ class Alerts:
             on = fill >= SPOOL_LOW if self.state["spool_high"].active else fill >= SPOOL_HIGH
             put("spool_high", on, f"{snap['spool_bytes']} of {snap['spool_max']} bytes "
                                   f"({fill:.0%}), {snap['spool_records']} records")
+        if "spool_write_error" in snap:
+            why = snap["spool_write_error"]
+            put("spool_unwritable", why is not None, why or "writing")
         self._prev = c
         return changed
 

@@ -192,3 +192,19 @@ async def test_a_broker_that_never_answers_is_given_up_and_its_socket_closed(mon
         await m.aclose()
         server.close()
         await server.wait_closed()
+
+
+def test_spool_unwritable_while_the_disk_refuses_writes():
+    a = Alerts(kafka_down_s=30)
+    seq = [None, "the spool /s cannot write: No space left on device", None]
+    got = []
+    for t, why in enumerate(seq):
+        s = snap(t)
+        s["spool_write_error"] = why
+        got.append(a.update(s))
+    assert got == [[], ["spool_unwritable"], ["spool_unwritable"]]
+    assert not a.state["spool_unwritable"].active
+    s = snap(5)
+    s["spool_write_error"] = "Read-only file system"
+    a.update(s)
+    assert a.state["spool_unwritable"].active and "Read-only" in a.state["spool_unwritable"].detail
