@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import platform
 import re
 import struct
 from typing import Callable
@@ -35,6 +36,7 @@ _U64 = struct.Struct("<Q")
 BUSY_BIT = 1 << 31      # the producer has reserved the record, not yet submitted
 DISCARD_BIT = 1 << 30   # submitted as discarded: skip it
 HEADER_BYTES = 8        # u32 length (with the two bits), u32 page offset
+TSO_MACHINES = ("x86_64", "amd64", "i686", "i386")   # where plain loads/stores suffice
 
 
 def ring_size(map_fd: int) -> int:
@@ -46,15 +48,68 @@ def ring_size(map_fd: int) -> int:
     return int(m.group(1))
 
 
+# Memory ordering: what MmapRing relies on.
+#
+# The producer (kernel/bpf/ringbuf.c) reserves a record under its spinlock:
+# it writes the header (length | BUSY), then publishes the producer position
+# with smp_store_release. The program fills the record; commit (submit or
+# discard) swaps in the final length word with xchg() (fully ordered, so at
+# least a release of the record's bytes): BUSY cleared, DISCARD set if
+# discarded. A reserve reads the consumer position with smp_load_acquire and
+# fails if the producer would get more than size - 1 ahead of it.
+# libbpf's consumer (ringbuf.c, ringbuf_process_ring) is the other half:
+# smp_load_acquire of the producer position, smp_load_acquire of each header,
+# and smp_store_release of the consumer position after each record. A reader
+# needs the same three orderings: (1) header loads after the producer-position
+# load that covers them, (2) the record's loads after the header load that saw
+# BUSY clear, (3) every load of a record before the consumer-position store
+# that lets the producer reuse its bytes (hence a handler's view is only
+# valid during its call, on any CPU).
+#
+# MmapRing does plain loads and stores through struct on the mmap'ed pages.
+# On x86-64 that is enough: under TSO, loads are not reordered with other
+# loads and stores are not reordered with earlier loads, so the hardware
+# already gives each load acquire and each store release semantics (libbpf's
+# smp_load_acquire/smp_store_release are mere compiler barriers there). The
+# compiler cannot reorder them either: each access is its own call into
+# CPython's struct module, made in program order by the interpreter. On a
+# little-endian host struct's "<I"/"<Q" take the native memcpy path, one
+# aligned 4- or 8-byte access, so neither a header nor the 8-byte-aligned
+# positions are read or written torn.
+#
+# On weakly ordered CPUs (arm64, POWER, RISC-V) this does not hold as is: the
+# header load may be satisfied before the producer-position load (a stale
+# header from the previous lap), the record's bytes before the header (stale
+# payload under a fresh length), and the consumer-position store may become
+# visible before the record's loads are done, so the kernel overwrites bytes
+# still being read. There the reader needs acquire loads of the producer
+# position and of each header (LDAR/LDAPR on arm64, ld + lwsync on POWER) and
+# a release store of the consumer position (STLR; lwsync + std), or
+# equivalent fences (arm64: dmb ishld after the loads, dmb ish before the
+# store). Python cannot emit those: read through libbpf there
+# (bpfsys.RingBuffer, a ctypes callback per record) or through a small C
+# helper built on __atomic_load_n(..., __ATOMIC_ACQUIRE) and
+# __atomic_store_n(..., __ATOMIC_RELEASE).
+#
+# tests/bpf/test_ring_reader.py checks this reader against libbpf's on the
+# same records (wrap-around, discards, limits, the room the producer sees).
+
+
 class MmapRing:
     """A BPF ring buffer map read in place. The kernel lays it out as: the
     consumer position (a page the reader may write), the producer position
     (read-only), then the data pages, mapped twice in a row so that a record
     that wraps around is contiguous. A record is an 8-byte header and the
     event; the reader stops at a record whose BUSY bit is set (reserved, not
-    yet submitted) and publishes its position after each call."""
+    yet submitted) and publishes its position after each call (libbpf does
+    after each record: here the producer gets the room back at the end of a
+    call, up to READ_CHUNK records later). It relies on x86-64's ordering;
+    see the comment above."""
 
     def __init__(self, map_fd: int, size: int | None = None):
+        if platform.machine().lower() not in TSO_MACHINES:
+            raise StreamerError(f"the ring reader relies on x86's memory ordering, and this "
+                                f"CPU is {platform.machine()} (see streamer/ringbuf.py)")
         page = mmap.PAGESIZE
         self.size = size or ring_size(map_fd)
         if self.size & (self.size - 1):
