@@ -35,6 +35,7 @@ PACKAGES=(
     python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 python3-venv
     iproute2 conntrack iperf3 hping3 ethtool nftables tcpdump netcat-openbsd
     default-jdk-headless maven postgresql mosquitto mosquitto-clients
+    python3-fusepy  # tests/crashfs.py: the power-cut filesystem (FUSE, libfuse2)
 )
 
 unset PYTHONHOME PYTHONPATH

@@ -33,7 +33,7 @@ from tests.kafka.pipeline_support import (
 from tests.netns.test_reliability import TCP_PORT, kernel_flows, wait_drained
 
 PARTITIONS = 3
-PAIR_INDEX = 31           # 198.18.31.0/24
+PAIR_INDEX = 33           # 198.18.33.0/24
 FS_SIZE = "2m"
 CONNECTIONS, BATCH = 3000, 500
 DRAIN_TIMEOUT = 180

@@ -30,7 +30,7 @@ from tests.kafka.pipeline_support import (
 from tests.netns.test_reliability import kernel_flows, wait_drained, xdp_attached
 
 PARTITIONS = 3
-PAIR_INDEX = 32           # 198.18.32.0/24, 2001:2:0:32::/64
+PAIR_INDEX = 32           # 198.18.32.0/24, 2001:2:0:20::/64 (the index in hex)
 PORT = 5031
 CONNECTIONS = 20          # per family
 LONG = ["--timeout-established", "120"]   # none may expire while the test runs
