@@ -37,8 +37,9 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from streamer import abi, bpfsys  # noqa: E402
-from streamer.config import DatapathConfig, Timeouts  # noqa: E402
+from streamer.datapath import abi
+from streamer import bpfsys  # noqa: E402
+from streamer.datapath.config import DatapathConfig, Timeouts  # noqa: E402
 
 XDP_PASS = 2
 TC_ACT_OK = 0  # the sweepers are tc programs
@@ -255,7 +256,7 @@ def summarize(samples: list[float]) -> dict:
 
 
 def bench_packet_path(p: dict, checks: Checks, pin_dir: str) -> dict:
-    from streamer.loader import Datapath
+    from streamer.datapath.loader import Datapath
 
     t0 = time.monotonic()
     dp = Datapath(DatapathConfig(pin_dir=pin_dir, table_limit=1 << 20)).load()
@@ -345,7 +346,7 @@ def bench_packet_path(p: dict, checks: Checks, pin_dir: str) -> dict:
 
 
 def bench_sweeper(p: dict, checks: Checks, pin_dir: str, deadline: float) -> dict:
-    from streamer.loader import Datapath
+    from streamer.datapath.loader import Datapath
 
     cfg = DatapathConfig(pin_dir=pin_dir, table_limit=1 << 20, ring_bytes=1 << 26,
                          timeouts=Timeouts(udp=1))

@@ -49,10 +49,12 @@ sys.path.insert(0, str(ROOT))
 
 import aiokafka  # noqa: E402
 
-from streamer import abi, records, wire  # noqa: E402
-from streamer.events import Clock, Event  # noqa: E402
-from streamer.local_servers import free_port_pair, live_pids  # noqa: E402
-from streamer.producer import KafkaSettings, Producer  # noqa: E402
+from streamer.datapath import abi
+from streamer.delivery import records
+from streamer import wire  # noqa: E402
+from streamer.datapath.events import Clock, Event  # noqa: E402
+from streamer.demo.local_servers import free_port_pair, live_pids  # noqa: E402
+from streamer.delivery.producer import KafkaSettings, Producer  # noqa: E402
 
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 NODE = "gw-bench-01"

@@ -64,9 +64,10 @@ from kafka_produce import (broker_pids, cpu_machine, cpu_of, end_offsets,  # noq
                            free_port_pair, kafka_sh)
 from table_scale import DST_FILL, EVENT_REC, TC_ACT_OK, fill_source, flow_frame  # noqa: E402
 
-from streamer import bpfsys, testbed  # noqa: E402
+from streamer.datapath import bpfsys
+from streamer import testbed  # noqa: E402
 from streamer.cli import _datapath_config, build_parser  # noqa: E402
-from streamer.table import PinnedTable  # noqa: E402
+from streamer.datapath.table import PinnedTable  # noqa: E402
 
 CTSTREAM = str(ROOT / ".venv" / "bin" / "ctstream")
 NODE = "gw-bench-01"
@@ -109,7 +110,7 @@ class Filler:
 
     def __init__(self, run_argv: list[str]):
         from bcc import BPF
-        from streamer.loader import cflags
+        from streamer.datapath.loader import cflags
 
         a = build_parser().parse_args(run_argv)
         self.cfg = _datapath_config(a)

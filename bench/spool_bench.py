@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from streamer.spool import HEADER_BYTES, Spool  # noqa: E402
+from streamer.delivery.spool import HEADER_BYTES, Spool  # noqa: E402
 
 
 def one_round(args) -> dict:

@@ -42,15 +42,16 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from streamer import abi, bpfsys  # noqa: E402
-from streamer.config import DatapathConfig, Timeouts  # noqa: E402
+from streamer.datapath import abi
+from streamer import bpfsys  # noqa: E402
+from streamer.datapath.config import DatapathConfig, Timeouts  # noqa: E402
 
 from datapath import establish, machine, stat_delta, stats, tcp_packet  # noqa: E402
 
 XDP_PASS = 2
 TC_ACT_OK = 0
-SWEEP_BATCH = 2          # CT_SWEEP_BATCH (bpf/ct_maps.h), as streamer/sweeper.py
-SWEEP_REPEAT = 512       # streamer/sweeper.py CALL_REPEAT
+SWEEP_BATCH = 2          # CT_SWEEP_BATCH (bpf/ct_maps.h), as streamer/datapath/sweeper.py
+SWEEP_REPEAT = 512       # streamer/datapath/sweeper.py CALL_REPEAT
 EVENT_REC = abi.EVENT_SIZE + 8   # a ring record: 8-byte header + the event
 TIME_LIMIT_S = 300
 LONG_S = 3600.0          # every timeout but UDP: nothing else becomes due
@@ -140,8 +141,8 @@ class Ring:
 
 def fill_source() -> str:
     """bench/table_fill.c with our quoted includes expanded from bpf/, as the
-    loader does for bpf/ctstream.bpf.c (streamer.loader.expand_source)."""
-    from streamer.loader import expand_source
+    loader does for bpf/ctstream.bpf.c (streamer.datapath.loader.expand_source)."""
+    from streamer.datapath.loader import expand_source
 
     path = HERE / "table_fill.c"
     out = [f'#line 1 "{path}"']
@@ -196,7 +197,7 @@ class Table:
 
     def load(self, on_record=None) -> "Table":
         from bcc import BPF
-        from streamer.loader import Datapath, cflags
+        from streamer.datapath.loader import Datapath, cflags
 
         before = set(bpf_map_fds())
         t0 = time.monotonic()
@@ -461,7 +462,7 @@ def sweep(t: Table, expect: int, acks: list, deadline: float) -> dict:
 
 
 def ack_all(t: Table, acks: list, deadline: float) -> dict:
-    """Ack the outbox copies as streamer/outbox.py does: 64 per syscall."""
+    """Ack the outbox copies as streamer/datapath/outbox.py does: 64 per syscall."""
     fd = t.dp.prog_fd("ct_ack4")
     kernel_ns = wall_ns = 0
     calls = acked = 0

@@ -1,7 +1,7 @@
 /* ct_abi.h - the ABI shared by the BPF programs and the Python daemon.
  *
  * This header is the single source of truth for every struct and constant
- * that crosses the kernel/user boundary. streamer/abi.py mirrors it, and
+ * that crosses the kernel/user boundary. streamer/datapath/abi.py mirrors it, and
  * tests/bpf/test_abi.py compiles static assertions generated from the Python
  * side against this file, so a change here that Python does not follow fails
  * the tests. Rules: fields are never reordered, padding is explicit, and a

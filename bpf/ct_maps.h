@@ -1,6 +1,6 @@
 /* ct_maps.h - every map of the datapath, pinned in bpffs.
  *
- * Sizes arrive as -D flags that streamer/loader.py builds from validated
+ * Sizes arrive as -D flags that streamer/datapath/loader.py builds from validated
  * integers; nothing else of the configuration becomes C text. Because every
  * map is pinned, a program loaded again (a restarted daemon, `ctstream list`)
  * opens the maps already there instead of making new ones.

@@ -2,7 +2,7 @@
  *
  * Programs share maps only within one BCC object, and BCC rewrites map calls
  * (ct4.lookup(...)) and finds programs only in its main text, not in included
- * files. So streamer/loader.py expands the quoted #includes below (our own
+ * files. So streamer/datapath/loader.py expands the quoted #includes below (our own
  * files) into one text, with #line markers that keep compiler messages
  * pointing at the real file and line. Angle-bracket includes stay includes.
  */

@@ -13,7 +13,7 @@ import time
 import tomllib
 
 from . import __version__
-from .config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
+from .datapath.config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
 from .errors import ConfigError, StreamerError
 
 log = logging.getLogger("ctstream")
@@ -136,7 +136,7 @@ def _datapath_config(a: argparse.Namespace) -> DatapathConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kafka_options import COMPRESSIONS, add_security_args
+    from .delivery.kafka_options import COMPRESSIONS, add_security_args
 
     p = argparse.ArgumentParser(prog="ctstream", description="Reliable conntrack event streamer (XDP/eBPF).")
     p.add_argument("--version", action="version", version=f"ctstream {__version__}")
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands that live in their own modules register themselves: each sets
     # `func`, called with the parsed arguments, returning the exit code.
-    from . import replay
+    from .delivery import replay
     from .accounting import command as accounting
     accounting.add_parsers(sub)
     replay.add_parser(sub)
@@ -293,17 +293,17 @@ def _dispatch(a: argparse.Namespace) -> int:
         return _detach(a)
     if a.cmd == "demo":
         if a.datapath_only:
-            from .demo import run_demo
+            from .demo.datapath_demo import run_demo
             return asyncio.run(run_demo(a.pin_dir, a.output))
-        from .pipeline_demo import run_pipeline_demo
+        from .demo.pipeline_demo import run_pipeline_demo
         return asyncio.run(run_pipeline_demo(a.pin_dir, a.output))
     raise AssertionError(a.cmd)
 
 
 def _kafka_sink(a: argparse.Namespace):
-    from .archive import default_spool_dir
-    from .kafka_options import check_timeout, settings_from_args
-    from .kafka_sink import KafkaSink
+    from .delivery.archive import default_spool_dir
+    from .delivery.kafka_options import check_timeout, settings_from_args
+    from .delivery.kafka_sink import KafkaSink
 
     check_timeout(a)
     if a.spool_max < 1 << 20:
@@ -329,7 +329,7 @@ async def _run(a: argparse.Namespace) -> int:
 
 
 async def _events(a: argparse.Namespace) -> int:
-    from .sink import parse_sink
+    from .delivery.sink import parse_sink
 
     stop = asyncio.Event()
     sink = parse_sink(a.sink, a.output, on_closed=stop.set)
@@ -375,7 +375,7 @@ def _observe_parts(a: argparse.Namespace, sink) -> list:
     if a.mqtt:
         parts.append(_mqtt_status(a, node))
     if a.metrics:
-        from .metrics import Metrics, parse_listen
+        from .observe.metrics import Metrics, parse_listen
 
         if a.metrics_walk_max < 0:
             raise ConfigError(f"--metrics-walk-max must be 0 or more, got {a.metrics_walk_max}")
@@ -387,7 +387,7 @@ def _observe_parts(a: argparse.Namespace, sink) -> list:
 def _mqtt_status(a: argparse.Namespace, node: str):
     import ssl
 
-    from .mqtt_status import MqttSettings, MqttStatus, parse_broker
+    from .observe.mqtt_status import MqttSettings, MqttStatus, parse_broker
 
     host, port = parse_broker(a.mqtt)
     password = os.environ.get("CTSTREAM_MQTT_PASSWORD")
@@ -421,7 +421,7 @@ def _quiet_kafka_internals(loop, context) -> None:
     the producer is torn down after a failed delivery (the records are spooled
     already); say that in one line instead of a traceback."""
     exc = context.get("exception")
-    from .producer import KafkaUnavailable
+    from .delivery.producer import KafkaUnavailable
     tb = getattr(exc, "__traceback__", None)
     frames = []
     while tb is not None:
@@ -435,7 +435,7 @@ def _quiet_kafka_internals(loop, context) -> None:
 
 def _status(a: argparse.Namespace) -> int:
     from .daemon import status_path
-    from .table import PinnedTable
+    from .datapath.table import PinnedTable
 
     st: dict = {"pin_dir": a.pin_dir, "daemon_running": False}
     try:
@@ -483,7 +483,7 @@ def _alive(pid: int) -> bool:
 
 
 def _list(a: argparse.Namespace) -> int:
-    from .table import PinnedTable
+    from .datapath.table import PinnedTable
 
     with PinnedTable(a.pin_dir) as t:
         entries = t.entries(dying=a.dying)
@@ -500,7 +500,7 @@ def _list(a: argparse.Namespace) -> int:
 
 
 def _stats(a: argparse.Namespace) -> int:
-    from .table import PinnedTable
+    from .datapath.table import PinnedTable
 
     with PinnedTable(a.pin_dir) as t:
         stats = t.stats()
@@ -514,7 +514,7 @@ def _stats(a: argparse.Namespace) -> int:
 
 
 def _detach(a: argparse.Namespace) -> int:
-    from .loader import check_environment, detach, load_attachments, remove_pins, save_attachments
+    from .datapath.loader import check_environment, detach, load_attachments, remove_pins, save_attachments
 
     check_environment()
     atts = load_attachments(a.pin_dir)

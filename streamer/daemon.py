@@ -42,15 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import DatapathConfig
+from .datapath.config import DatapathConfig
 from .errors import StreamerError
-from .events import Clock, Event, LostReport
-from .loader import STATE_DIR, Datapath, acquire_lock, check_environment, ifindex, remove_pins
-from .outbox import Outbox
-from .ringbuf import RingReader, RingSpace
-from .sink import CallbackSink, Sink
-from .sweeper import Sweeper
-from .table import read_counters
+from .datapath.events import Clock, Event, LostReport
+from .datapath.loader import STATE_DIR, Datapath, acquire_lock, check_environment, ifindex, remove_pins
+from .datapath.outbox import Outbox
+from .datapath.ringbuf import RingReader, RingSpace
+from .delivery.sink import CallbackSink, Sink
+from .datapath.sweeper import Sweeper
+from .datapath.table import read_counters
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ def pin_dir():
 def datapath_factory(pin_dir):
     """Load the real datapath (BCC, real kernel) with a given configuration;
     everything loaded is detached, closed and unpinned afterwards."""
-    from streamer.config import DatapathConfig
-    from streamer.loader import Datapath
+    from streamer.datapath.config import DatapathConfig
+    from streamer.datapath.loader import Datapath
 
     made = []
 

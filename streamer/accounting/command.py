@@ -25,7 +25,7 @@ def _seconds(text: str) -> float:
 
 
 def add_parsers(sub) -> None:
-    from ..kafka_options import add_security_args
+    from ..delivery.kafka_options import add_security_args
 
     ac = sub.add_parser(
         "account", help="consume the stream into a flow-accounting database",
@@ -71,7 +71,7 @@ def add_parsers(sub) -> None:
 
 
 def account_main(a: argparse.Namespace) -> int:
-    from ..kafka_options import check_timeout, settings_from_args
+    from ..delivery.kafka_options import check_timeout, settings_from_args
     from .db import parse_url
 
     target = parse_url(a.db)

@@ -43,7 +43,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from ..errors import ConfigError, StreamerError
-from ..producer import KafkaSettings, KafkaUnavailable, why_unreachable
+from ..delivery.producer import KafkaSettings, KafkaUnavailable, why_unreachable
 from . import ledger
 from .db import Database, open_database, parse_url
 

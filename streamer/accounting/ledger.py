@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 
 import msgpack
 
-from .. import wire
+from ..delivery import wire
 from .db import db_ct_id
 
 SCHEMA_HEADER = wire.HEADER[0]

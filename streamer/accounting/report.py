@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..config import DatapathConfig, Timeouts
+from ..datapath.config import DatapathConfig, Timeouts
 from .db import Database, open_database, wire_ct_id
 
 # The DESTROY of a flow idle for its timeout leaves the datapath within a

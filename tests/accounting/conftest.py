@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.local_servers import free_port, live_pids
+from streamer.demo.local_servers import free_port, live_pids
 from tests.kafka.conftest import kafka_broker  # noqa: F401  (the session's broker)
 
 ROOT = Path(__file__).resolve().parents[2]

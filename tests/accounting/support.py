@@ -17,10 +17,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamer import records, wire
+from streamer.delivery import records
+from streamer.delivery import wire
 from streamer.accounting.db import open_database, wire_ct_id
-from streamer.events import Event, LostReport
-from streamer.producer import KafkaSettings, Producer
+from streamer.datapath.events import Event, LostReport
+from streamer.delivery.producer import KafkaSettings, Producer
 
 CTSTREAM = str(Path(sys.executable).with_name("ctstream"))
 PROTOS = ("tcp", "udp", "icmp")

@@ -2,7 +2,7 @@
 broker of scripts/kafka.sh and, for the postgresql cases, the real server of
 scripts/postgres.sh. Every test runs on SQLite and on PostgreSQL.
 
-Records are made with streamer.records and sent with streamer.producer;
+Records are made with streamer.delivery.records and sent with streamer.delivery.producer;
 the expected accounting comes from the generator (tests/accounting/support),
 never from the database under test."""
 
@@ -25,11 +25,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from streamer import wire
+from streamer.delivery import wire
 from streamer.accounting.consumer import consume
 from streamer.accounting.db import wire_ct_id
 from streamer.accounting.top import flow_count, top_talkers
-from streamer.producer import KafkaSettings
+from streamer.delivery.producer import KafkaSettings
 from tests.accounting.support import (
     CTSTREAM, account_argv, check_exactly, ctstream, encoded, lost, make_flows, produce,
     query, run_account)

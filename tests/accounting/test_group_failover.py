@@ -25,9 +25,9 @@ import uuid
 import psycopg
 import pytest
 
-from streamer import records
+from streamer.delivery import records
 from streamer.accounting.db import db_ct_id, wire_ct_id
-from streamer.producer import KafkaSettings, Producer, partition_of
+from streamer.delivery.producer import KafkaSettings, Producer, partition_of
 from tests.accounting.support import account_argv, check_exactly, encoded, make_flows, query
 from tests.accounting.test_account import assigned, destroy_offsets, end_offsets, new_topic
 

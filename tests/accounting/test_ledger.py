@@ -9,7 +9,7 @@ from collections import namedtuple
 import msgpack
 import pytest
 
-from streamer import wire
+from streamer.delivery import wire
 from streamer.accounting import db as dbm
 from streamer.accounting import ledger
 from tests.accounting.support import Flow, check_exactly, lost, query

@@ -18,7 +18,7 @@ import time
 import psycopg
 import pytest
 
-from streamer import wire
+from streamer.delivery import wire
 from streamer.accounting import db as dbm
 from streamer.accounting import ledger
 from tests.accounting.support import check_exactly, query

@@ -25,7 +25,8 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
-from streamer import abi, bpfsys
+from streamer.datapath import abi
+from streamer.datapath import bpfsys
 
 XDP_ABORTED, XDP_DROP, XDP_PASS = 0, 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
@@ -393,8 +394,8 @@ class Bench:
 def loaded_bench(**cfg):
     """A Bench on a freshly loaded datapath in its own pin directory; the
     programs are closed and the pins removed whatever happens."""
-    from streamer.config import DatapathConfig
-    from streamer.loader import Datapath
+    from streamer.datapath.config import DatapathConfig
+    from streamer.datapath.loader import Datapath
 
     pin_dir = f"/sys/fs/bpf/ctsbench_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     dp = Datapath(DatapathConfig(pin_dir=pin_dir, **cfg))

@@ -1,6 +1,6 @@
 """The event ABI has one source of truth: bpf/ct_abi.h.
 
-1. Static assertions generated from the Python layouts (streamer/abi.py) are
+1. Static assertions generated from the Python layouts (streamer/datapath/abi.py) are
    compiled against the header with BCC: every struct's size and every
    field's offset and size, and every constant Python mirrors.
 2. A test-only BPF program (bpf/test_abi_roundtrip.c) fills every field of a
@@ -15,9 +15,10 @@ import struct
 
 import pytest
 
-from streamer import abi, bpfsys
+from streamer.datapath import abi
+from streamer.datapath import bpfsys
 from streamer.errors import AbiError
-from streamer.loader import BPF_DIR
+from streamer.datapath.loader import BPF_DIR
 from tests.bpf.packets import INDEX_LAYOUTS, XDP_PASS
 
 pytestmark = pytest.mark.root

@@ -26,7 +26,7 @@ from scapy.layers.inet6 import (ICMPv6ND_NS, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdr
 from scapy.layers.l2 import ARP
 from scapy.packet import Raw
 
-from streamer import abi
+from streamer.datapath import abi
 from tests.bpf.packets import VERDICTS, Flow, Pkt, frame, l2, loaded_bench, swap16
 
 pytestmark = pytest.mark.root
@@ -701,7 +701,7 @@ def test_packet_for_an_entry_the_sweeper_claimed_passes_untracked(bench):
     """Between the sweeper's claim (CT_LAST_DEAD set on last_ns) and the
     moment the entry is in the outbox, a packet must neither revive the entry
     nor make a second one under its tuple."""
-    from streamer import bpfsys
+    from streamer.datapath import bpfsys
 
     bench.reset()
     bench.send(U4.orig(payload=bytes(4)))

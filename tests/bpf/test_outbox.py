@@ -24,8 +24,9 @@ from collections import Counter
 
 import pytest
 
-from streamer import abi, bpfsys
-from streamer.config import Timeouts
+from streamer.datapath import abi
+from streamer.datapath import bpfsys
+from streamer.datapath.config import Timeouts
 from tests.bpf.packets import TC_ACT_OK, Flow, loaded_bench, monotonic_slot
 
 pytestmark = pytest.mark.root

@@ -1,4 +1,4 @@
-"""The daemon's ring reader (streamer/ringbuf.py: MmapRing, RingReader) against
+"""The daemon's ring reader (streamer/datapath/ringbuf.py: MmapRing, RingReader) against
 libbpf's own (ring_buffer__new + ring_buffer__consume, bpfsys.RingBuffer), on
 the same records.
 
@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamer import bpfsys, ringbuf
+from streamer.datapath import bpfsys
+from streamer.datapath import ringbuf
 from tests.bpf.packets import TC_ACT_OK
 
 pytestmark = pytest.mark.root

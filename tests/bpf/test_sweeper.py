@@ -17,8 +17,8 @@ from collections import Counter
 
 import pytest
 
-from streamer import abi
-from streamer.config import Timeouts
+from streamer.datapath import abi
+from streamer.datapath.config import Timeouts
 from tests.bpf.packets import TC_ACT_SHOT, Bench, Flow, loaded_bench, monotonic_slot
 
 pytestmark = pytest.mark.root
@@ -215,7 +215,7 @@ def test_ipv6_flows_expire_through_ct_sweep6_alone(bench):
 
 
 def test_sweeper_refuses_a_request_for_the_other_family(bench):
-    from streamer import bpfsys
+    from streamer.datapath import bpfsys
 
     for prog, family in (("ct_sweep4", 6), ("ct_sweep6", 4)):
         retval, _, _ = bpfsys.test_run(bench.dp.prog_fd(prog), abi.pack_sweep_req(family, 2))

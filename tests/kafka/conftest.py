@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.local_servers import free_port_pair, live_pids
+from streamer.demo.local_servers import free_port_pair, live_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"

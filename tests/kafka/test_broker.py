@@ -13,7 +13,7 @@ import aiokafka
 import pytest
 from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 
-from streamer import wire
+from streamer.delivery import wire
 from tests.kafka.conftest import broker_pids, free_port_pair, kafka_sh, stop_and_check
 
 pytestmark = pytest.mark.kafka

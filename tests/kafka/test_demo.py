@@ -11,12 +11,12 @@ import subprocess
 
 import pytest
 
-from streamer import testbed
+from streamer.demo import testbed
 from tests.netns.test_cli import CTSTREAM
 
 pytestmark = [pytest.mark.root, pytest.mark.kafka]
 
-# The demo's traffic plan (streamer/pipeline_demo.py): per family 150 short
+# The demo's traffic plan (streamer/demo/pipeline_demo.py): per family 150 short
 # TCP connections, one bulk TCP, one UDP flow, one ping; iperf3 makes two.
 PLANNED = 2 * (150 + 1 + 1 + 1) + 2
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.spool import Spool, SpoolUnwritable
+from streamer.delivery.spool import Spool, SpoolUnwritable
 from tests.kafka.pipeline_support import (
     TopicContents,
     check_tcp_connections,

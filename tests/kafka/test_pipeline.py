@@ -25,8 +25,8 @@ import uuid
 
 import pytest
 
-from streamer import testbed
-from streamer.spool import Spool
+from streamer.demo import testbed
+from streamer.delivery.spool import Spool
 from tests.kafka.conftest import free_port_pair
 from tests.kafka.pipeline_support import (
     FRAME_HEADER,
@@ -325,7 +325,7 @@ def test_minimum_ring_every_destroy_reaches_kafka(pipe, kafka_broker):
 @pipeline
 def test_corrupt_spool_skips_only_damaged_frames(pipe, kafka_broker, tmp_path):
     """A spool written by the daemon while the broker was unreachable is
-    re-cut into several segments (streamer.spool, small segments) and
+    re-cut into several segments (streamer.delivery.spool, small segments) and
     damaged: a flipped byte in a middle frame of one segment, an older
     segment and the last one truncated mid-frame. The daemon starts with the
     broker up, reports each damage (file, byte, records) and the total, and
@@ -549,8 +549,8 @@ def _record(ct_id: int, seq: int, sport: int, **changes) -> dict:
 
 
 def _contents(records: list[dict]) -> TopicContents:
-    from streamer.producer import partition_of
-    from streamer.records import message_key
+    from streamer.delivery.producer import partition_of
+    from streamer.delivery.records import message_key
     from tests.kafka.pipeline_support import Message
 
     return TopicContents([Message(partition_of(message_key(r), PARTITIONS), i, message_key(r), b"", r)
@@ -608,7 +608,7 @@ def test_checks_see_an_unreported_gap():
 
 
 def test_spool_reader_reads_what_streamer_spool_wrote(tmp_path):
-    """The test's own frame reader agrees with streamer.spool, and refuses a
+    """The test's own frame reader agrees with streamer.delivery.spool, and refuses a
     damaged frame."""
     written = [(f"n/{i}".encode(), os.urandom(50 + i), 1_000 + i) for i in range(300)]
     with Spool.open(tmp_path, segment_bytes=4096) as sp:

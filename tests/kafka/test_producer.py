@@ -1,4 +1,4 @@
-"""streamer.producer against the real broker from scripts/kafka.sh: what is
+"""streamer.delivery.producer against the real broker from scripts/kafka.sh: what is
 sent comes back valid, in order per connection, on the partition the Java
 client would pick; the in-flight bound holds; bad input and a broker that
 goes away end in clear errors within bounded time."""
@@ -13,10 +13,11 @@ from collections import defaultdict
 import aiokafka
 import pytest
 
-from streamer import records, wire
+from streamer.delivery import records
+from streamer.delivery import wire
 from streamer.errors import ConfigError
-from streamer.events import Event, LostReport
-from streamer.producer import KafkaSettings, KafkaUnavailable, Producer, partition_of
+from streamer.datapath.events import Event, LostReport
+from streamer.delivery.producer import KafkaSettings, KafkaUnavailable, Producer, partition_of
 from tests.kafka.conftest import free_port_pair, kafka_sh, stop_and_check
 
 pytestmark = pytest.mark.kafka

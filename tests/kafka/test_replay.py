@@ -28,11 +28,11 @@ from collections import defaultdict
 
 import pytest
 
-from streamer import wire
-from streamer.archive import ArchiveReader, ArchiveWriter, archive_dir
+from streamer.delivery import wire
+from streamer.delivery.archive import ArchiveReader, ArchiveWriter, archive_dir
 from streamer.errors import ConfigError
-from streamer.records import message_key
-from streamer.replay import _Progress, key_filter, parse_time
+from streamer.delivery.records import message_key
+from streamer.delivery.replay import _Progress, key_filter, parse_time
 from tests.kafka.conftest import free_port_pair
 from tests.kafka.pipeline_support import (TopicContents, check_topic, make_pipeline, read_topic,
                                           report)

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from streamer import testbed
+from streamer.demo import testbed
 from tests.kafka.pipeline_support import (
     TopicContents,
     check_tcp_connections,

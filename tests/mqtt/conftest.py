@@ -21,7 +21,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from streamer.local_servers import free_port, live_pids
+from streamer.demo.local_servers import free_port, live_pids
 from tests.kafka.conftest import pytest_collection_modifyitems as _kafka_skips
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer import abi
+from streamer.datapath import abi
 from tests.kafka.pipeline_support import (
     PrivateBroker,
     TopicContents,

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from streamer import testbed
-from streamer.loader import STATE_DIR
+from streamer.demo import testbed
+from streamer.datapath.loader import STATE_DIR
 
 pytestmark = pytest.mark.root
 

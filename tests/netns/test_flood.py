@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamer import testbed
-from streamer.config import DatapathConfig, Timeouts
+from streamer.demo import testbed
+from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.daemon import Session, Target
-from streamer.events import Event
+from streamer.datapath.events import Event
 from tests.netns.test_tracking import key, private_pin_dir, remove_pin_dir
 
 pytestmark = pytest.mark.root

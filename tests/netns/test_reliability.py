@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from streamer import abi, testbed
-from streamer.table import PinnedTable
+from streamer.datapath import abi
+from streamer.demo import testbed
+from streamer.datapath.table import PinnedTable
 from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove
 
 pytestmark = pytest.mark.root

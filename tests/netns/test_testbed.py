@@ -1,4 +1,4 @@
-"""streamer.testbed against the real kernel: namespaces, veth, traffic, and
+"""streamer.demo.testbed against the real kernel: namespaces, veth, traffic, and
 the kernel's own conntrack as the reference (no mocks).  Needs root."""
 
 import os
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streamer import testbed as tb
+from streamer.demo import testbed as tb
 
 pytestmark = [
     pytest.mark.root,

@@ -1,6 +1,6 @@
 """The datapath against the kernel's own nf_conntrack, with real traffic.
 
-Two namespaces joined by veth (streamer.testbed, offloads off so every hook
+Two namespaces joined by veth (streamer.demo.testbed, offloads off so every hook
 sees wire-sized packets), the real datapath attached to the server's veth
 (XDP ingress + tc egress), and real TCP, UDP, ICMP echo, iperf3 and many short
 connections over IPv4 and IPv6. The kernel's conntrack in the server namespace
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from streamer import testbed
-from streamer.config import DatapathConfig, Timeouts
+from streamer.demo import testbed
+from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.daemon import Session, Target
-from streamer.events import Event
-from streamer.loader import STATE_DIR
-from streamer.table import PinnedTable
+from streamer.datapath.events import Event
+from streamer.datapath.loader import STATE_DIR
+from streamer.datapath.table import PinnedTable
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,4 @@
-"""The archive of published records (streamer/archive.py): round trips and
+"""The archive of published records (streamer/delivery/archive.py): round trips and
 time-range reads, pruning by size and by age, torn and corrupt segments,
 reading while the writer writes, and drop-and-count when the writer cannot
 keep up."""
@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from streamer.archive import (HEADER_BYTES, MAGIC, ArchiveError, ArchiveReader, ArchiveWriter,
+from streamer.delivery.archive import (HEADER_BYTES, MAGIC, ArchiveError, ArchiveReader, ArchiveWriter,
                               encode_frame, segment_files, segment_name)
 from streamer.errors import ConfigError
 
@@ -369,8 +369,8 @@ def test_add_after_close_is_counted_as_dropped(tmp_path):
 # ---------------------------------------------------------------- the Kafka sink owns it
 
 async def _sink_round(tmp_path, monkeypatch, archive_max: int, observer=None):
-    from streamer.kafka_sink import KafkaSink
-    from streamer.producer import KafkaSettings
+    from streamer.delivery.kafka_sink import KafkaSink
+    from streamer.delivery.producer import KafkaSettings
 
     sink = KafkaSink(KafkaSettings(bootstrap="127.0.0.1:9", topic="t"), str(tmp_path / "spool"),
                      archive_max=archive_max, archive_s=3600)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from streamer import abi
+from streamer.datapath import abi
 from streamer.cli import _datapath_config, build_parser
-from streamer.config import DatapathConfig, Timeouts
+from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.errors import ConfigError
 
 

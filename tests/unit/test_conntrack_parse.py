@@ -1,7 +1,7 @@
 """parse_conntrack_output() against real `conntrack -L` output.
 
 Every line below was captured on the project's test machine (Linux 6.18,
-conntrack-tools 1.4.7) from the server namespace of a streamer.testbed pair
+conntrack-tools 1.4.7) from the server namespace of a streamer.demo.testbed pair
 (nf_conntrack_acct=1 unless noted), after tcp_exchange(1000, 3000),
 udp_exchange(3, 100), ping(2) in both families, a held-open TCP connection, a
 SYN and a datagram that the peer dropped, and raw GRE / protocol-253 packets.
@@ -9,7 +9,7 @@ SYN and a datagram that the peer dropped, and raw GRE / protocol-253 packets.
 
 import pytest
 
-from streamer.testbed import KernelFlow, parse_conntrack_output
+from streamer.demo.testbed import KernelFlow, parse_conntrack_output
 
 EXTENDED = """\
 ipv4     2 icmp     1 29 src=198.18.0.1 dst=198.18.0.2 type=8 code=0 id=19460 packets=2 bytes=168 src=198.18.0.2 dst=198.18.0.1 type=0 code=0 id=19460 packets=2 bytes=168 mark=0 use=1

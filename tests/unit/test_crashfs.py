@@ -24,10 +24,10 @@ import traceback
 
 import pytest
 
-from streamer import abi
-from streamer.events import Clock, Event
-from streamer.sink import JsonlSink
-from streamer.spool import Spool
+from streamer.datapath import abi
+from streamer.datapath.events import Clock, Event
+from streamer.delivery.sink import JsonlSink
+from streamer.delivery.spool import Spool
 from tests.crashfs import PAGE, crash_mount, mounted
 from tests.unit.test_events import _raw_event
 

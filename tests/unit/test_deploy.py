@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from streamer.cli import _datapath_config, _with_config_file, build_parser
-from streamer.loader import STATE_DIR
+from streamer.datapath.loader import STATE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
@@ -446,7 +446,7 @@ def test_daemon_runs_with_exactly_the_units_capabilities(pin_dir):
     them after a restart and enters the namespace of --netns. (The kernel
     also accepts CAP_SYS_ADMIN for CAP_BPF and CAP_PERFMON, which is why the
     fine-grained ones are checked without it.)"""
-    from streamer import testbed
+    from streamer.demo import testbed
 
     (caps,) = parse_unit(UNIT)["Service"]["CapabilityBoundingSet"]
     unit_caps = caps.split()

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from streamer import abi
+from streamer.datapath import abi
 from streamer.errors import AbiError
-from streamer.events import Clock, Event
+from streamer.datapath.events import Clock, Event
 
 
 def _raw_event(**over):

@@ -1,4 +1,4 @@
-"""streamer.metrics with a fake session: the listen address, a port in use,
+"""streamer.observe.metrics with a fake session: the listen address, a port in use,
 what a scrape says, the ack-latency histogram fed through KafkaSink.on_ack,
 the bounded per-state walk, and a clean stop. (tests/mqtt/ scrapes the real
 daemon.)"""
@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer import abi, metrics
+from streamer.datapath import abi
+from streamer.observe import metrics
 from streamer.errors import ConfigError, StreamerError
-from streamer.metrics import Metrics, parse_listen
+from streamer.observe.metrics import Metrics, parse_listen
 
 
 @pytest.mark.parametrize("text, expected", [

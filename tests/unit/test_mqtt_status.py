@@ -1,4 +1,4 @@
-"""streamer.mqtt_status without a broker: option parsing, the alert rules
+"""streamer.observe.mqtt_status without a broker: option parsing, the alert rules
 driven by made-up daemon snapshots, the bounded queue, and the connection
 task against a closed port and against a server that never answers.
 (tests/mqtt/ runs it against a real Mosquitto.)"""
@@ -11,9 +11,9 @@ import socket
 
 import pytest
 
-from streamer import mqtt_status
+from streamer.observe import mqtt_status
 from streamer.errors import ConfigError
-from streamer.mqtt_status import ALERTS, QUEUE_MAX, Alerts, MqttSettings, MqttStatus, parse_broker
+from streamer.observe.mqtt_status import ALERTS, QUEUE_MAX, Alerts, MqttSettings, MqttStatus, parse_broker
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,4 +1,4 @@
-"""streamer.producer without a broker: KafkaSettings.validate says which value
+"""streamer.delivery.producer without a broker: KafkaSettings.validate says which value
 is wrong and why; the partitioner maps keys as the Java client does."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from aiokafka import codec as kafka_codec
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from streamer.errors import ConfigError
-from streamer.producer import KafkaSettings, KafkaUnavailable, Producer, murmur2, partition_of
+from streamer.delivery.producer import KafkaSettings, KafkaUnavailable, Producer, murmur2, partition_of
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -262,7 +262,7 @@ def test_a_batch_filled_past_aiokafkas_wrapper_reads_back_whole():
     # offsets 0..n-1, and aiokafka must see the right record count.
     from aiokafka.producer.message_accumulator import BatchBuilder
     from aiokafka.record.default_records import DefaultRecordBatch
-    from streamer.producer import _Batch
+    from streamer.delivery.producer import _Batch
 
     loop = asyncio.new_event_loop()
     try:

@@ -1,4 +1,4 @@
-"""streamer.records: every event the datapath makes becomes a record that the
+"""streamer.delivery.records: every event the datapath makes becomes a record that the
 v1 schema accepts and that survives the msgpack round trip; keys group the
 events of a connection."""
 
@@ -9,9 +9,11 @@ import struct
 
 import pytest
 
-from streamer import abi, records, wire
+from streamer.datapath import abi
+from streamer.delivery import records
+from streamer.delivery import wire
 from streamer.errors import ConfigError
-from streamer.events import Clock, Event, LostReport
+from streamer.datapath.events import Clock, Event, LostReport
 
 NODE = "gw-1"
 U64_MAX = 2**64 - 1

@@ -1,4 +1,4 @@
-"""streamer.ring_records: the daemon's one-step encoder makes, from the
+"""streamer.delivery.ring_records: the daemon's one-step encoder makes, from the
 ring's bytes, the same records as the reference path (abi.decode_event, then
 records.record_of_raw), the same keys and the same ack references; it
 refuses what decode_event refuses."""
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from streamer import abi, records, wire
+from streamer.datapath import abi
+from streamer.delivery import records
+from streamer.delivery import wire
 from streamer.errors import AbiError
-from streamer.events import Clock, Event
-from streamer.kafka_sink import KafkaSink
-from streamer.producer import KafkaSettings
-from streamer.ring_records import RingEncoder
+from streamer.datapath.events import Clock, Event
+from streamer.delivery.kafka_sink import KafkaSink
+from streamer.delivery.producer import KafkaSettings
+from streamer.delivery.ring_records import RingEncoder
 
 from .test_records import NODE, U64_MAX, V6, raw_event, random_ring_records
 

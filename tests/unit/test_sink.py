@@ -8,7 +8,7 @@ import json
 import pytest
 
 from streamer.errors import ConfigError, StreamerError
-from streamer.sink import JsonlSink, StdoutSink, parse_sink
+from streamer.delivery.sink import JsonlSink, StdoutSink, parse_sink
 
 
 class Ev:

@@ -1,5 +1,5 @@
 """The durable spool: round trips, the delivered cursor, segments (deleted
-once delivered: the archive is streamer/archive.py's), the bound, and
+once delivered: the archive is streamer/delivery/archive.py's), the bound, and
 recovery from torn, corrupt and garbage files and from a SIGKILLed writer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from streamer.errors import StreamerError
-from streamer.spool import (HEADER_BYTES, INDEX_STRIDE, MAGIC, Spool, SpoolError,
+from streamer.delivery.spool import (HEADER_BYTES, INDEX_STRIDE, MAGIC, Spool, SpoolError,
                             SpoolFull, SpoolRecord, segment_name)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,7 +207,7 @@ def test_segments_roll_at_segment_bytes_and_are_deleted_when_delivered(tmp_path)
 
 def test_delivered_segments_leave_no_archive_behind(tmp_path):
     # The spool used to move delivered segments to archive/; the archive of
-    # published records is now streamer/archive.py's, fed by the Kafka sink.
+    # published records is now streamer/delivery/archive.py's, fed by the Kafka sink.
     d = tmp_path / "s"
     sp = Spool.open(d, segment_bytes=1024)
     fill(sp, 0, 200)
@@ -449,7 +449,7 @@ def test_bad_parameters(tmp_path):
 
 WRITER = """
 import sys
-from streamer.spool import Spool
+from streamer.delivery.spool import Spool
 sp = Spool.open(sys.argv[1], segment_bytes=32 << 10)
 i = 0
 while True:

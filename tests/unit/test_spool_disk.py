@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from streamer import spool as spool_mod
-from streamer.spool import (RESERVE_BYTES, RESERVE_NAME, Spool, SpoolFull, SpoolUnwritable,
+from streamer.delivery import spool as spool_mod
+from streamer.delivery.spool import (RESERVE_BYTES, RESERVE_NAME, Spool, SpoolFull, SpoolUnwritable,
                             SpoolWriteError)
 
 from .test_spool import expected, fill, read_all, rec, seg_files

@@ -1,4 +1,4 @@
-"""streamer.wire: msgpack round trip and the v1 JSON Schema, table-driven."""
+"""streamer.delivery.wire: msgpack round trip and the v1 JSON Schema, table-driven."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import msgpack
 import pytest
 
-from streamer import wire
+from streamer.delivery import wire
 
 U64_MAX = 2**64 - 1
 

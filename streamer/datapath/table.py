@@ -9,9 +9,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from . import abi, bpfsys
+from . import abi
+from . import bpfsys
 from .abi import _ntohs
-from .errors import NotAttachedError
+from ..errors import NotAttachedError
 from .events import flow_text
 
 _KEY4 = struct.Struct(abi.KEY4.fmt)

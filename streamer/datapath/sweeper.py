@@ -17,7 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import abi, bpfsys
+from . import abi
+from . import bpfsys
 
 SWEEP_BATCH = 2        # CT_SWEEP_BATCH in bpf/ct_maps.h
 CALL_REPEAT = 512      # runs per syscall

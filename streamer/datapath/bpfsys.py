@@ -13,7 +13,7 @@ import errno
 import os
 from typing import Callable, Iterator
 
-from .errors import EnvironmentProblem, StreamerError
+from ..errors import EnvironmentProblem, StreamerError
 
 _lib: ctypes.CDLL | None = None
 

@@ -29,8 +29,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
-from . import abi, bpfsys
-from .errors import ConfigError, StreamerError
+from ..datapath import abi
+from ..datapath import bpfsys
+from ..errors import ConfigError, StreamerError
 
 log = logging.getLogger(__name__)
 

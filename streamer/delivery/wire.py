@@ -61,7 +61,7 @@ def schema_dir() -> Path:
     env = os.environ.get(SCHEMA_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return Path(__file__).resolve().parents[2] / "schemas"
 
 
 def validate(record: dict) -> dict:

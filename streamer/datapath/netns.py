@@ -13,7 +13,7 @@ import ctypes
 import os
 import threading
 
-from .errors import InterfaceError
+from ..errors import InterfaceError
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

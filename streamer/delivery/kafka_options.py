@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PASSWORD_ENV = "CTSTREAM_KAFKA_SASL_PASSWORD"
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")

@@ -18,8 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import abi, bpfsys
-from .errors import StreamerError
+from . import abi
+from . import bpfsys
+from ..errors import StreamerError
 
 
 @dataclass

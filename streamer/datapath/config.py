@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import abi
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ctstream"
 XDP_MODES = ("auto", "native", "generic")

@@ -18,13 +18,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import abi, bpfsys, netns
+from . import abi
+from . import bpfsys
+from . import netns
 from .config import DatapathConfig
-from .errors import EnvironmentProblem, InterfaceError, LoadError
+from ..errors import EnvironmentProblem, InterfaceError, LoadError
 
 # The BPF sources sit beside the package in a checkout; an installed copy
 # (docker/Dockerfile) names them with CTSTREAM_BPF_DIR.
-BPF_DIR = Path(os.environ.get("CTSTREAM_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
+BPF_DIR = Path(os.environ.get("CTSTREAM_BPF_DIR") or Path(__file__).resolve().parents[2] / "bpf")
 MAIN_SOURCE = "ctstream.bpf.c"
 STATE_DIR = Path("/run/ctstream")
 

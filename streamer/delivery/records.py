@@ -15,9 +15,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from . import abi
-from .errors import ConfigError
-from .events import Clock, Event, LostReport
+from ..datapath import abi
+from ..errors import ConfigError
+from ..datapath.events import Clock, Event, LostReport
 from .wire import SCHEMA_VERSION, WireError, encode
 
 # events.Event names the kernel's CREATE "NEW", as conntrack -E does.

@@ -28,8 +28,8 @@ from typing import Callable
 
 import msgpack
 
-from . import abi
-from .events import Clock
+from ..datapath import abi
+from ..datapath.events import Clock
 from .records import FORCED_END, RAW_END_REASONS, RAW_EVENT_TYPES, _ipv6_text
 from .wire import SCHEMA_VERSION
 

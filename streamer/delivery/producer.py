@@ -53,7 +53,7 @@ from aiokafka import codec as kafka_codec
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from . import wire
-from .errors import ConfigError, StreamerError
+from ..errors import ConfigError, StreamerError
 
 log = logging.getLogger(__name__)
 

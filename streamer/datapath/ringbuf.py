@@ -10,7 +10,7 @@ The records are read through the ring's mmap'ed pages (MmapRing), as libbpf's
 consumer reads them, but without a ctypes callback per record: about 2 us
 less per event, which is a fifth of the daemon's cost per record. Records
 are handed on as bytes: the Kafka sink encodes them without decoding them
-into objects first (streamer/ring_records.py).
+into objects first (streamer/delivery/ring_records.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import struct
 from typing import Callable
 
 from . import abi
-from .errors import AbiError, StreamerError
+from ..errors import AbiError, StreamerError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MmapRing:
     def __init__(self, map_fd: int, size: int | None = None):
         if platform.machine().lower() not in TSO_MACHINES:
             raise StreamerError(f"the ring reader relies on x86's memory ordering, and this "
-                                f"CPU is {platform.machine()} (see streamer/ringbuf.py)")
+                                f"CPU is {platform.machine()} (see streamer/datapath/ringbuf.py)")
         page = mmap.PAGESIZE
         self.size = size or ring_size(map_fd)
         if self.size & (self.size - 1):

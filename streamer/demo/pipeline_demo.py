@@ -33,11 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import DatapathConfig, Timeouts
-from .errors import EnvironmentProblem, StreamerError
+from ..datapath.config import DatapathConfig, Timeouts
+from ..errors import EnvironmentProblem, StreamerError
 from .local_servers import free_port_pair
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 TOPIC = "ctstream.demo"
 PARTITIONS = 3
@@ -113,7 +113,7 @@ async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
     import aiokafka
     from aiokafka.structs import TopicPartition
 
-    from . import wire
+    from ..delivery import wire
 
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                          enable_auto_commit=False)
@@ -148,8 +148,8 @@ async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
 # ---- accounting -------------------------------------------------------------------------
 
 async def _account(bootstrap: str, topic: str, db_url: str, stop: asyncio.Event) -> dict:
-    from .accounting import consumer, top
-    from .producer import KafkaSettings
+    from ..accounting import consumer, top
+    from ..delivery.producer import KafkaSettings
 
     stats = await consumer.consume(KafkaSettings(bootstrap=bootstrap, topic=topic), db_url,
                                    group="ctstream-demo", stop=stop, until_idle=3.0)
@@ -182,10 +182,10 @@ def _print_top(title: str, rows: list[dict], label: str) -> None:
 
 async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
     from . import testbed
-    from .daemon import Session, Target, install_signal_handlers
-    from .demo import run_stoppable
-    from .kafka_sink import KafkaSink
-    from .producer import KafkaSettings
+    from ..daemon import Session, Target, install_signal_handlers
+    from .datapath_demo import run_stoppable
+    from ..delivery.kafka_sink import KafkaSink
+    from ..delivery.producer import KafkaSettings
 
     testbed.require_root()
     if shutil.which("java") is None:

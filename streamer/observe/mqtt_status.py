@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import os
 import socket
 import time
 
-from .errors import ConfigError
-from .events import LostReport
+from ..errors import ConfigError
+from ..datapath.events import LostReport
 from .producer import KafkaSettings, KafkaUnavailable, Producer
 from .records import check_node_id, encode_event, lost_record, message_key
 from .ring_records import RingEncoder
@@ -70,7 +70,7 @@ class KafkaSink(Sink):
         self.spool_dir = spool_dir
         self.spool_max = spool_max
         # The archive of what was published, for `ctstream replay`
-        # (streamer/archive.py): up to archive_max bytes (0: no archive),
+        # (streamer/delivery/archive.py): up to archive_max bytes (0: no archive),
         # records younger than archive_s seconds (0: no age limit). Opened
         # by start(), fed by on_published, closed by aclose().
         if archive_max < 0 or archive_s < 0:
@@ -168,7 +168,7 @@ class KafkaSink(Sink):
 
     def ring_writer(self, clock):
         # The daemon's path: key and value straight from the ring record's
-        # bytes (streamer/ring_records.py, about 4 us less per event than
+        # bytes (streamer/delivery/ring_records.py, about 4 us less per event than
         # abi.RawEvent, a dict and msgpack's Packer).
         self._encoder = RingEncoder(self.node_id, clock)
         encode = self._encoder.encode

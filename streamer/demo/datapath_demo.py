@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from .config import DatapathConfig, Timeouts
-from .daemon import Session, Target, install_signal_handlers
-from .events import Event
+from ..datapath.config import DatapathConfig, Timeouts
+from ..daemon import Session, Target, install_signal_handlers
+from ..datapath.events import Event
 
 # Short timeouts so that every flow ends, and shows its DESTROY, within the demo.
 DEMO_TIMEOUTS = Timeouts(syn=5, established=5, fin=2, udp=3, icmp=2, other=3)

@@ -66,7 +66,7 @@ cursor write succeeds, and a restart before then sends those records again
 read-only: what it holds is drained, nothing new goes in.
 
 Delivered segments are deleted, not kept: the archive for `ctstream replay`
-is streamer/archive.py's, which the Kafka sink feeds with every record Kafka
+is streamer/delivery/archive.py's, which the Kafka sink feeds with every record Kafka
 acknowledged, live or drained from here, so that each is archived once.
 
 Threads: `append` may run on the event loop while `sync`, `read` and
@@ -90,7 +90,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, StreamerError
+from ..errors import ConfigError, StreamerError
 
 MAGIC = b"\xc7CSp"
 HEADER = struct.Struct("<4sIIIQq")   # magic, crc, payload len, key len, offset, time_ms

@@ -1,6 +1,6 @@
 """`ctstream replay`: publish again what consumers missed.
 
-- `--from TIME [--to TIME]`: the records of the archive (streamer/archive.py)
+- `--from TIME [--to TIME]`: the records of the archive (streamer/delivery/archive.py)
   whose observation time lies in [from, to), in the order Kafka first
   acknowledged them, re-published byte for byte: same key, same value, so
   the same dedupe key (nodeId, ctId, seq) and the same partition of a topic
@@ -27,8 +27,8 @@ import socket
 import sys
 import time
 
-from .config import DEFAULT_PIN_DIR
-from .errors import ConfigError, StreamerError
+from ..datapath.config import DEFAULT_PIN_DIR
+from ..errors import ConfigError, StreamerError
 from .kafka_options import COMPRESSIONS, add_security_args, check_timeout, settings_from_args
 
 CONNECT_TIMEOUT_S = 10.0
@@ -327,9 +327,10 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
     The fields are records.record_of's; seq is the entry's seq as
     `ctstream list` shows it (the seq its next event will carry); the times
     and TCP flags come from the entry itself."""
-    from . import abi, bpfsys
-    from . import table as tables
-    from .events import Clock, Event
+    from ..datapath import abi
+    from ..datapath import bpfsys
+    from ..datapath import table as tables
+    from ..datapath.events import Clock, Event
     from .records import message_key, record_of
     from .wire import encode
 
@@ -370,7 +371,7 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
 
 
 async def _snapshot(a: argparse.Namespace, settings, node_id: str) -> int:
-    from .table import PinnedTable
+    from ..datapath.table import PinnedTable
 
     with PinnedTable(a.pin_dir) as table:
         table.fd("ct4")             # no datapath pinned: say so before connecting

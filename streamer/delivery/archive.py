@@ -46,7 +46,7 @@ single write larger than a segment gets a segment of its own and may exceed
 it); segments are about max_bytes/8, so it keeps at least 7/8 of that.
 
 A frame holds the records of one write, little-endian, the same 32-byte
-header layout as the spool's frames (streamer/spool.py) with its own magic:
+header layout as the spool's frames (streamer/delivery/spool.py) with its own magic:
 
     magic "\\xc7CSa" | crc32 u32 | payload length u32 | records u32 |
     first seq u64 | written_ms i64 | payload
@@ -85,7 +85,7 @@ from typing import Iterator
 import cramjam
 import msgpack
 
-from .errors import ConfigError, StreamerError
+from ..errors import ConfigError, StreamerError
 from .spool import HEADER as FRAME_HEADER
 
 log = logging.getLogger(__name__)

@@ -196,7 +196,7 @@ def _short(buf):
 
 
 def _abi_error(msg: str):
-    from .errors import AbiError
+    from ..errors import AbiError
     return AbiError(msg)
 
 

@@ -21,9 +21,9 @@ import os
 import sys
 from typing import Callable
 
-from . import abi
-from .errors import ConfigError, StreamerError
-from .events import Event
+from ..datapath import abi
+from ..errors import ConfigError, StreamerError
+from ..datapath.events import Event
 
 
 class Sink:
