@@ -54,7 +54,8 @@ from streamer.delivery import records
 from streamer import wire  # noqa: E402
 from streamer.datapath.events import Clock, Event  # noqa: E402
 from streamer.demo.local_servers import free_port_pair, live_pids  # noqa: E402
-from streamer.delivery.producer import KafkaSettings, Producer  # noqa: E402
+from streamer.delivery.kafka_settings import KafkaSettings  # noqa: E402
+from streamer.delivery.producer import Producer  # noqa: E402
 
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 NODE = "gw-bench-01"

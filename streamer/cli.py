@@ -421,7 +421,7 @@ def _quiet_kafka_internals(loop, context) -> None:
     the producer is torn down after a failed delivery (the records are spooled
     already); say that in one line instead of a traceback."""
     exc = context.get("exception")
-    from .delivery.producer import KafkaUnavailable
+    from .errors import KafkaUnavailable
     tb = getattr(exc, "__traceback__", None)
     frames = []
     while tb is not None:

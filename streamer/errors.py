@@ -27,3 +27,38 @@ class NotAttachedError(StreamerError):
 
 class AbiError(StreamerError):
     """A record from the kernel has a type, version or length we do not know."""
+
+
+class SpoolError(StreamerError):
+    """The spool cannot be opened, read or written."""
+
+
+class SpoolFull(SpoolError):
+    """An append was refused: undelivered records already fill max_bytes."""
+
+
+class SpoolUnwritable(SpoolFull):
+    """An append was refused: the disk failed the last write (full, read-only,
+    I/O error). Like a full spool, it passes."""
+
+
+class SpoolWriteError(SpoolError):
+    """A sync failed: the records appended since the last good sync are not
+    durable and were discarded; the spool stays open."""
+
+
+class KafkaUnavailable(StreamerError):
+    """Kafka cannot be reached, or did not acknowledge records in time. The
+    records of the failed call were not (all) acknowledged: spool them."""
+
+
+class WireError(StreamerError):
+    """A record cannot be encoded or decoded, or does not match the schema."""
+
+
+class ArchiveError(StreamerError):
+    """The archive cannot be opened or read."""
+
+
+class DatabaseError(StreamerError):
+    """The database cannot be reached, opened or written."""

@@ -42,8 +42,8 @@ import aiokafka
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from ..errors import ConfigError, StreamerError
-from ..delivery.producer import KafkaSettings, KafkaUnavailable, why_unreachable
+from ..errors import ConfigError, KafkaUnavailable, StreamerError
+from ..delivery.kafka_settings import KafkaSettings, why_unreachable
 from . import ledger
 from .db import Database, open_database, parse_url
 

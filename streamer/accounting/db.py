@@ -38,7 +38,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from ..errors import ConfigError, StreamerError
+from ..errors import ConfigError, DatabaseError, StreamerError
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ def db_ct_id(ct_id: int) -> int:
 
 def wire_ct_id(stored: int) -> int:
     return stored + _U64 if stored < 0 else stored
-
-
-class DatabaseError(StreamerError):
-    """The database cannot be reached, opened or written."""
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ from typing import Iterator
 import cramjam
 import msgpack
 
-from ..errors import ConfigError, StreamerError
+from ..errors import ArchiveError, ConfigError
 from .spool import HEADER as FRAME_HEADER
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,6 @@ DEFAULT_SPOOL_ROOT = "/var/lib/ctstream/spool"
 _SEGMENT_NAME = re.compile(r"arc-(\d{20})\.log")
 
 assert _PREFIX.size + _BODY.size == HEADER_BYTES == 32
-
-
-class ArchiveError(StreamerError):
-    """The archive cannot be opened or read."""
 
 
 def default_spool_dir(pin_dir: str) -> str:

@@ -49,7 +49,7 @@ def check_timeout(a: argparse.Namespace) -> None:
 def settings_from_args(a: argparse.Namespace, **extra):
     """KafkaSettings from --kafka, --topic and the security options, plus
     `extra` (timeouts, compression, client id), validated."""
-    from .producer import KafkaSettings
+    from .kafka_settings import KafkaSettings
 
     return KafkaSettings(
         bootstrap=a.kafka, topic=a.topic,

@@ -41,9 +41,10 @@ import os
 import socket
 import time
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KafkaUnavailable
 from ..datapath.events import LostReport
-from .producer import KafkaSettings, KafkaUnavailable, Producer
+from .kafka_settings import KafkaSettings
+from .producer import Producer
 from .records import check_node_id, encode_event, lost_record, message_key
 from .ring_records import RingEncoder
 from .archive import ArchiveWriter, archive_dir

@@ -272,7 +272,7 @@ def key_filter(ct_ids, node_id: str | None):
 
 
 async def _replay(a: argparse.Namespace, settings, reader) -> int:
-    from .producer import KafkaUnavailable
+    from ..errors import KafkaUnavailable
 
     keep = key_filter(a.ct_id, a.node_id)
     progress = _Progress()

@@ -90,7 +90,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, StreamerError
+from ..errors import ConfigError, SpoolError, SpoolFull, SpoolUnwritable, SpoolWriteError
 
 MAGIC = b"\xc7CSp"
 HEADER = struct.Struct("<4sIIIQq")   # magic, crc, payload len, key len, offset, time_ms
@@ -110,24 +110,6 @@ _SEGMENT_NAME = re.compile(r"seg-(\d{20})\.spool")
 _HINTS_KEPT = 64
 
 assert HEADER_BYTES == 32 and _PREFIX.size + _BODY.size == HEADER_BYTES
-
-
-class SpoolError(StreamerError):
-    """The spool cannot be opened, read or written."""
-
-
-class SpoolFull(SpoolError):
-    """An append was refused: undelivered records already fill max_bytes."""
-
-
-class SpoolUnwritable(SpoolFull):
-    """An append was refused: the disk failed the last write (full, read-only,
-    I/O error). Like a full spool, it passes."""
-
-
-class SpoolWriteError(SpoolError):
-    """A sync failed: the records appended since the last good sync are not
-    durable and were discarded; the spool stays open."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,16 +16,12 @@ from pathlib import Path
 import jsonschema
 import msgpack
 
-from streamer.errors import StreamerError
+from streamer.errors import WireError
 
 SCHEMA_VERSION = 1
 HEADER = ("ctstream-schema", str(SCHEMA_VERSION).encode())
 SCHEMA_FILE = f"ctstream-event.v{SCHEMA_VERSION}.json"
 SCHEMA_DIR_ENV = "CTSTREAM_SCHEMA_DIR"
-
-
-class WireError(StreamerError):
-    """A record cannot be encoded or decoded, or does not match the schema."""
 
 
 def encode(record: dict) -> bytes:

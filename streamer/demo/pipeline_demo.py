@@ -149,7 +149,7 @@ async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
 
 async def _account(bootstrap: str, topic: str, db_url: str, stop: asyncio.Event) -> dict:
     from ..accounting import consumer, top
-    from ..delivery.producer import KafkaSettings
+    from ..delivery.kafka_settings import KafkaSettings
 
     stats = await consumer.consume(KafkaSettings(bootstrap=bootstrap, topic=topic), db_url,
                                    group="ctstream-demo", stop=stop, until_idle=3.0)
@@ -185,7 +185,7 @@ async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
     from ..daemon import Session, Target, install_signal_handlers
     from .datapath_demo import run_stoppable
     from ..delivery.kafka_sink import KafkaSink
-    from ..delivery.producer import KafkaSettings
+    from ..delivery.kafka_settings import KafkaSettings
 
     testbed.require_root()
     if shutil.which("java") is None:

@@ -21,7 +21,8 @@ from streamer.delivery import records
 from streamer.delivery import wire
 from streamer.accounting.db import open_database, wire_ct_id
 from streamer.datapath.events import Event, LostReport
-from streamer.delivery.producer import KafkaSettings, Producer
+from streamer.delivery.kafka_settings import KafkaSettings
+from streamer.delivery.producer import Producer
 
 CTSTREAM = str(Path(sys.executable).with_name("ctstream"))
 PROTOS = ("tcp", "udp", "icmp")

@@ -29,7 +29,7 @@ from streamer.delivery import wire
 from streamer.accounting.consumer import consume
 from streamer.accounting.db import wire_ct_id
 from streamer.accounting.top import flow_count, top_talkers
-from streamer.delivery.producer import KafkaSettings
+from streamer.delivery.kafka_settings import KafkaSettings
 from tests.accounting.support import (
     CTSTREAM, account_argv, check_exactly, ctstream, encoded, lost, make_flows, produce,
     query, run_account)

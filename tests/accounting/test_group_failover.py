@@ -27,7 +27,8 @@ import pytest
 
 from streamer.delivery import records
 from streamer.accounting.db import db_ct_id, wire_ct_id
-from streamer.delivery.producer import KafkaSettings, Producer, partition_of
+from streamer.delivery.kafka_settings import KafkaSettings
+from streamer.delivery.producer import Producer, partition_of
 from tests.accounting.support import account_argv, check_exactly, encoded, make_flows, query
 from tests.accounting.test_account import assigned, destroy_offsets, end_offsets, new_topic
 

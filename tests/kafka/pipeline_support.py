@@ -8,15 +8,17 @@ test-bed pair and a real broker, and what ends up in the topic.
 - `PrivateBroker`: a broker of one test's own (own directory and port) that
   the test may stop and start again; always stopped at the end.
 - `read_topic`: every record of a topic from the beginning to its end
-  offsets, each decoded with streamer.wire.decode and validated with
-  streamer.wire.validate, its header, key and partition checked.
+  offsets, each decoded with streamer.delivery.wire.decode and validated with
+  streamer.delivery.wire.validate, its header, key and partition checked.
 - `TopicContents`, `check_topic`, `check_tcp_connections`,
   `check_udp_exchange`, `check_missed_bits`: records grouped by connection,
   DESTROYs compared with the traffic generator's list of connections and
   with the kernel's own nf_conntrack counters, as test_reliability does with
-  the jsonl sink, here in the wire format's IPFIX terms.
+  the jsonl sink, here in the wire format's IPFIX terms;
+  `check_partition_order` (part of check_topic): each connection's events
+  in its partition's offset order, unsorted.
 - `spool_frames`: an independent reader of spool segment files (the format
-  of streamer/spool.py's docstring), to know which records a corruption
+  of streamer/delivery/spool.py's docstring), to know which records a corruption
   destroys.
 """
 
@@ -39,9 +41,11 @@ import aiokafka
 import pytest
 from aiokafka.structs import TopicPartition
 
-from streamer import abi, testbed, wire
-from streamer.producer import partition_of
-from streamer.records import message_key
+from streamer.datapath import abi
+from streamer.demo import testbed
+from streamer.delivery import wire
+from streamer.delivery.producer import partition_of
+from streamer.delivery.records import message_key
 from tests.kafka.conftest import Broker, broker_pids, free_port_pair, kafka_sh, stop_and_check
 from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove
 from tests.netns.test_reliability import GRACE, MIN_HEADERS, TIMEOUTS, Daemon
@@ -324,12 +328,59 @@ def same_event(a: dict, b: dict) -> bool:
             == {k: v for k, v in b.items() if k not in COPY_MAY_DIFFER})
 
 
+def check_partition_order(topic: TopicContents) -> dict:
+    """Each connection's events reach their partition in the order they were
+    made, read in offset order and never sorted: the first copy of each
+    dedupe key (nodeId, ctId, seq) comes with a higher seq than every first
+    copy before it. A later copy of an event already seen (redelivered
+    after a failed live send, a DESTROY the kernel re-emitted) is allowed
+    anywhere after it, and must be the same event. A consumer that applies
+    each connection's events in partition order then never sees a DESTROY
+    before its CREATE, nor an UPDATE before an older one.
+
+    Returns {"late_copies": n}: copies that came after a newer event of
+    their connection (stale requests appended after newer records)."""
+    # Per partition (a connection spread over partitions is check_topic's
+    # own failure): connection -> its newest first copy, dedupe key ->
+    # (message, record) of its first copy.
+    offsets: dict[int, int] = {}
+    newest: dict[tuple, dict] = {}
+    firsts: dict[tuple, tuple[Message, dict]] = {}
+    late = 0
+    for m in sorted(topic.flow_records, key=lambda m: (m.partition, m.offset)):
+        prev = offsets.get(m.partition)
+        assert prev is None or m.offset > prev, f"p{m.partition}@{m.offset}: offset read twice"
+        offsets[m.partition] = m.offset
+        r = m.record
+        conn = (r["nodeId"], r["ctId"])
+        pc, dk = (m.partition, conn), (m.partition, wire.dedupe_key(r))
+        first = firsts.get(dk)
+        if first is not None:
+            fm, fr = first
+            assert same_event(fr, r), (f"{conn} seq {r['seq']}: copies differ: "
+                                       f"p{fm.partition}@{fm.offset} {fr} vs p{m.partition}@{m.offset} {r}")
+            late += r["seq"] < newest[pc]["seq"]
+            continue
+        before = newest.get(pc)
+        if before is not None and r["seq"] <= before["seq"]:
+            bm, _ = firsts[m.partition, wire.dedupe_key(before)]
+            raise AssertionError(
+                f"{conn}: partition order broken: {r['eventType']} seq {r['seq']} first at "
+                f"p{m.partition}@{m.offset}, after {before['eventType']} seq {before['seq']} "
+                f"at p{bm.partition}@{bm.offset}")
+        firsts[dk] = (m, r)
+        newest[pc] = r
+    return {"late_copies": late}
+
+
 def check_topic(topic: TopicContents, node_id: str) -> dict:
     """What holds for any topic the daemon wrote, whatever happened on the
     way; returns figures for the report.
 
     - every record is this node's;
     - copies of one event (same dedupe key) are the same event;
+    - each connection's events are in order in its partition
+      (check_partition_order);
     - one connection (nodeId, ctId) is one flow tuple, in one partition,
       with one DESTROY seq that is its last, and counters that never go down;
     - one flow tuple is one connection: nothing is counted twice under two
@@ -343,6 +394,7 @@ def check_topic(topic: TopicContents, node_id: str) -> dict:
     for dk, recs in copies.items():
         differ = [r for r in recs[1:] if not same_event(recs[0], r)]
         assert not differ, f"{dk}: copies differ: {recs[0]} vs {differ[0]}"
+    order = check_partition_order(topic)
     tuples = {}
     missing_events = 0
     for conn, msgs in topic.by_connection().items():
@@ -376,7 +428,8 @@ def check_topic(topic: TopicContents, node_id: str) -> dict:
             "destroy_records": destroy_records, "connections": len(tuples),
             "retried_destroys": sum(1 for m in topic.flow_records
                                     if m.record["eventType"] == "DESTROY" and m.record["retries"]),
-            "missing_events": missing_events, "lost_records": len(topic.lost_records)}
+            "missing_events": missing_events, "lost_records": len(topic.lost_records),
+            **order}
 
 
 def check_tcp_connections(topic: TopicContents, pair: testbed.Pair, family: int,
@@ -451,7 +504,7 @@ def report(name: str, figures: dict) -> None:
 
 # --- the spool's files -------------------------------------------------------------------
 
-# magic, crc32, payload length, key length, offset, time_ms (see streamer/spool.py)
+# magic, crc32, payload length, key length, offset, time_ms (see streamer/delivery/spool.py)
 FRAME_HEADER = struct.Struct("<4sIIIQq")
 FRAME_MAGIC = b"\xc7CSp"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 

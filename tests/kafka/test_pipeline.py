@@ -512,7 +512,8 @@ def test_bad_tls_file_exits_2_and_leaves_the_datapath_alone(pipe, kafka_broker, 
         assert after["created"] - before["created"] == 50, (before, after)
     assert not pipe.status()["daemon_running"]
 
-    adopter = pipe.start(kafka_broker.bootstrap, topic)
+    # --detach-on-stop: this one's stop removes what it adopted (run keeps it by default)
+    adopter = pipe.start(kafka_broker.bootstrap, topic, "--detach-on-stop")
     assert "(adopted the pinned table)" in adopter.output()
     st = wait_drained(pipe.pin, timeout=60)
     pipe.wait_spool_drained(DRAIN_TIMEOUT)

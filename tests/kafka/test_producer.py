@@ -17,7 +17,9 @@ from streamer.delivery import records
 from streamer.delivery import wire
 from streamer.errors import ConfigError
 from streamer.datapath.events import Event, LostReport
-from streamer.delivery.producer import KafkaSettings, KafkaUnavailable, Producer, partition_of
+from streamer.delivery.kafka_settings import KafkaSettings
+from streamer.delivery.producer import Producer, partition_of
+from streamer.errors import KafkaUnavailable
 from tests.kafka.conftest import free_port_pair, kafka_sh, stop_and_check
 
 pytestmark = pytest.mark.kafka

@@ -370,7 +370,7 @@ def test_add_after_close_is_counted_as_dropped(tmp_path):
 
 async def _sink_round(tmp_path, monkeypatch, archive_max: int, observer=None):
     from streamer.delivery.kafka_sink import KafkaSink
-    from streamer.delivery.producer import KafkaSettings
+    from streamer.delivery.kafka_settings import KafkaSettings
 
     sink = KafkaSink(KafkaSettings(bootstrap="127.0.0.1:9", topic="t"), str(tmp_path / "spool"),
                      archive_max=archive_max, archive_s=3600)

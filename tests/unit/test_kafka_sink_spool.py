@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 
 from streamer.delivery.kafka_sink import KafkaSink
-from streamer.delivery.producer import KafkaSettings
+from streamer.delivery.kafka_settings import KafkaSettings
 
 from .test_spool_disk import Faults, retry_now
 

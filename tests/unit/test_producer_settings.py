@@ -13,7 +13,9 @@ from aiokafka import codec as kafka_codec
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from streamer.errors import ConfigError
-from streamer.delivery.producer import KafkaSettings, KafkaUnavailable, Producer, murmur2, partition_of
+from streamer.delivery.kafka_settings import KafkaSettings
+from streamer.delivery.producer import Producer, murmur2, partition_of
+from streamer.errors import KafkaUnavailable
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 

@@ -13,7 +13,7 @@ from streamer.delivery import wire
 from streamer.errors import AbiError
 from streamer.datapath.events import Clock, Event
 from streamer.delivery.kafka_sink import KafkaSink
-from streamer.delivery.producer import KafkaSettings
+from streamer.delivery.kafka_settings import KafkaSettings
 from streamer.delivery.ring_records import RingEncoder
 
 from .test_records import NODE, U64_MAX, V6, raw_event, random_ring_records
