@@ -66,7 +66,7 @@ from table_scale import DST_FILL, EVENT_REC, TC_ACT_OK, fill_source, flow_frame 
 
 from streamer.datapath import bpfsys
 from streamer import testbed  # noqa: E402
-from streamer.cli import _datapath_config, build_parser  # noqa: E402
+from streamer.cli import load_config  # noqa: E402
 from streamer.datapath.table import PinnedTable  # noqa: E402
 
 CTSTREAM = str(ROOT / ".venv" / "bin" / "ctstream")
@@ -112,8 +112,7 @@ class Filler:
         from bcc import BPF
         from streamer.datapath.loader import cflags
 
-        a = build_parser().parse_args(run_argv)
-        self.cfg = _datapath_config(a)
+        self.cfg = load_config(run_argv).datapath
         self.bpf = BPF(text=fill_source(), cflags=cflags(self.cfg))
         self.fd = self.bpf.load_func("ct_bench_fill", BPF.SCHED_CLS).fd
         self.ctl = self.bpf["fill_ctl"].map_fd

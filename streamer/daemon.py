@@ -38,12 +38,12 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 from .datapath.config import DatapathConfig
-from .errors import StreamerError
+from .errors import ConfigError, StreamerError
 from .datapath.events import Clock, Event, LostReport
 from .datapath.loader import STATE_DIR, Datapath, acquire_lock, check_environment, ifindex, remove_pins
 from .datapath.outbox import Outbox
@@ -101,6 +101,7 @@ class Session:
     # and stopped first; observers get snapshot() every STATUS_INTERVAL.
     parts: list = field(default_factory=list)
     observers: list[Callable[[dict], None]] = field(default_factory=list)
+    config: object = None         # the settings.Config the session was made from, if any
     _tasks: list = field(default_factory=list)
     # Set by stop: the programs were left attached and the maps pinned.
     left_state: bool = False
@@ -414,6 +415,35 @@ class Session:
     def _unpin(self) -> None:
         if not (self.keeps_state() or self.keep_pins):
             remove_pins(self.cfg.pin_dir)
+
+    # ---- live configuration ------------------------------------------------------
+    def reconfigure(self, new: DatapathConfig, lost_interval: float | None = None) -> list[str]:
+        """Apply what can change while the datapath runs: the timeouts, the
+        report interval, the grace, the early-drop watermarks and the
+        full-table policy go into the ct_config map (one map update: the
+        programs see the old or the new values, never a mix) and into the
+        sweeper; the LOST interval takes effect at its next report. The
+        sizes of the maps, the pin dir and the XDP mode need a new load:
+        ConfigError names them and nothing changes. Returns what changed,
+        as 'setting: old -> new'."""
+        from .settings import reload_needed
+
+        new = replace(new).validate()
+        blocked = reload_needed(self.cfg, new)
+        if blocked:
+            raise ConfigError("cannot change while the datapath runs (restart the daemon): "
+                              + ", ".join(blocked))
+        changed = [f"{f.name}: {getattr(self.cfg, f.name)} -> {getattr(new, f.name)}"
+                   for f in fields(DatapathConfig) if getattr(self.cfg, f.name) != getattr(new, f.name)]
+        self.dp.cfg = self.cfg = new
+        with self.sweeper.lock:
+            self.dp.configure()
+            self.sweeper.set_watermarks(new.early_high_entries(), new.early_low_entries(),
+                                        new.timeouts.longest())
+        if lost_interval is not None and lost_interval != self.lost_interval:
+            changed.append(f"lost_interval: {self.lost_interval} -> {lost_interval}")
+            self.lost_interval = lost_interval
+        return changed
 
     # ---- state -----------------------------------------------------------------
     def counters(self) -> dict:

@@ -6,7 +6,13 @@ class StreamerError(Exception):
 
 
 class ConfigError(StreamerError):
-    """A configuration value is out of range or malformed."""
+    """A configuration value is out of range or malformed. `setting` names
+    the setting (its option without the dashes) when one value is at fault,
+    so that the message can say where that value came from."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 class EnvironmentProblem(StreamerError):

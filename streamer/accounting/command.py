@@ -9,55 +9,16 @@ import signal
 import sys
 
 from ..errors import ConfigError
+from ..settings import Config, check_kafka_timeout, kafka_settings
 from .db import DEFAULT_URL
-from .report import DEFAULT_HORIZON_S
 
 MAX_HORIZON_S = 366 * 86400
 _DB_HELP = ("sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
             "(default %(default)s)")
 
 
-def _seconds(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-
-
-def add_parsers(sub) -> None:
-    from ..delivery.kafka_options import add_security_args
-
-    ac = sub.add_parser(
-        "account", help="consume the stream into a flow-accounting database",
-        description="Consume ctstream records from Kafka into finished-flow rows and per-minute "
-                    "rollups, exactly once (dedupe on nodeId, ctId, seq; Kafka offsets stored in "
-                    "the database in the same transaction as the rows). With --report: print "
-                    "the gap report of the database and exit.")
-    ac.add_argument("--kafka", metavar="HOST:PORT[,HOST:PORT]", help="bootstrap servers")
-    ac.add_argument("--topic", help="the topic the daemons publish to")
-    ac.add_argument("--db", default=DEFAULT_URL, metavar="URL", help=_DB_HELP)
-    ac.add_argument("--group", default="ctstream-account",
-                    help="Kafka consumer group; consumers of one group split the partitions "
-                         "(%(default)s)")
-    ac.add_argument("--until-idle", type=_seconds, metavar="S",
-                    help="exit once every assigned partition is read to its end and nothing "
-                         "arrived for S seconds (default: run until SIGINT/SIGTERM)")
-    ac.add_argument("--kafka-timeout", type=_seconds, default=15.0, metavar="S",
-                    help="give up when Kafka cannot be reached within S seconds at start (%(default)g)")
-    add_security_args(ac.add_argument_group("kafka security"))
-    ac.add_argument("--session-timeout", type=_seconds, default=10.0, metavar="S",
-                    help="Kafka group session timeout: a consumer that died loses its "
-                         "partitions after S seconds (%(default)g)")
-    ac.add_argument("--report", action="store_true",
-                    help="print the gap report (seq gaps, flows without a DESTROY) and exit; "
-                         "needs no Kafka")
-    ac.add_argument("--horizon", type=_seconds, default=DEFAULT_HORIZON_S, metavar="S",
-                    help="--report: a flow without a DESTROY and silent for S seconds is "
-                         "unfinished (%(default)g: the longest default timeout plus a grace)")
-    ac.add_argument("-o", "--output", choices=("text", "json"), default="text",
-                    help="format of the report, or of the final counts on stdout")
-    ac.set_defaults(func=account_main)
-
+def add_top_parser(sub) -> None:
+    """`top`; `account` is made from streamer/settings.py's table (cli.py)."""
     tp = sub.add_parser("top", help="top talkers from the accounting database")
     tp.add_argument("--db", default=DEFAULT_URL, metavar="URL", help=_DB_HELP)
     tp.add_argument("--by", choices=("src", "dst", "port"), default="src",
@@ -70,8 +31,7 @@ def add_parsers(sub) -> None:
     tp.set_defaults(func=top_main)
 
 
-def account_main(a: argparse.Namespace) -> int:
-    from ..delivery.kafka_options import check_timeout, settings_from_args
+def account_main(a: Config) -> int:
     from .db import parse_url
 
     target = parse_url(a.db)
@@ -79,8 +39,8 @@ def account_main(a: argparse.Namespace) -> int:
         return _report(a, target)
     if not a.kafka or not a.topic:
         raise ConfigError("account needs --kafka HOST:PORT and --topic NAME (or --report)")
-    check_timeout(a)
-    settings = settings_from_args(a)
+    check_kafka_timeout(a.kafka_timeout)
+    settings = kafka_settings(a.values)
     stats = asyncio.run(_account(a, settings, target))
     counts = stats.as_dict()
     if a.output == "json":
@@ -95,7 +55,7 @@ def account_main(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _account(a: argparse.Namespace, settings, target):
+async def _account(a: Config, settings, target):
     from .consumer import consume
 
     stop = asyncio.Event()
@@ -109,7 +69,7 @@ async def _account(a: argparse.Namespace, settings, target):
                          connect_timeout_s=a.kafka_timeout, session_timeout_s=a.session_timeout)
 
 
-def _report(a: argparse.Namespace, target) -> int:
+def _report(a: Config, target) -> int:
     from .report import format_text, gap_report
 
     # Bounded: an infinite or huge horizon overflowed into a misleading

@@ -51,7 +51,7 @@ SQLITE_BUSY_MS = 30_000
 # key, a locked SQLite file) is run again from the start, this many times.
 TRANSACTION_ATTEMPTS = 5
 
-DEFAULT_URL = "sqlite:/var/lib/ctstream/accounting.db"
+from ..settings import DEFAULT_DB as DEFAULT_URL  # noqa: E402 (the accounting default)
 
 _U63 = 1 << 63
 _U64 = 1 << 64

@@ -23,14 +23,12 @@ from __future__ import annotations
 import json
 import time
 
-from ..datapath.config import DatapathConfig, Timeouts
-from .db import Database, open_database, wire_ct_id
-
 # The DESTROY of a flow idle for its timeout leaves the datapath within a
 # sweep, and is re-emitted after the outbox grace if Kafka did not take it;
-# allow a minute for all that on top of the longest timeout.
-HORIZON_GRACE_S = max(60.0, 2 * DatapathConfig().grace)
-DEFAULT_HORIZON_S = Timeouts().longest() + HORIZON_GRACE_S
+# DEFAULT_HORIZON_S allows a minute for all that on top of the longest timeout.
+from ..settings import DEFAULT_HORIZON_S
+from .db import Database, open_database, wire_ct_id
+
 # Missing seqs listed per flow at most (the count is always whole).
 LIST_MISSING = 20
 

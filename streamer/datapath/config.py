@@ -34,7 +34,8 @@ class Timeouts:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
                     or v <= 0 or v > MAX_TIMEOUT_S:
                 raise ConfigError(
-                    f"timeout {name} must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {v!r}")
+                    f"timeout {name} must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {v!r}",
+                    setting=f"timeout-{name}")
 
     def as_ns(self) -> list[int]:
         out = [0] * abi.TO_MAX
@@ -89,32 +90,35 @@ class DatapathConfig:
         if not re.fullmatch(r"/sys/fs/bpf(/[A-Za-z0-9_.-]+)+", self.pin_dir or ""):
             raise ConfigError(
                 f"pin directory must be a path below /sys/fs/bpf made of [A-Za-z0-9_.-], "
-                f"got {self.pin_dir!r}")
-        _int_in("table limit", self.table_limit, 16, 1 << 27)
-        _int_in("ring size", self.ring_bytes, PAGE, 1 << 30)
+                f"got {self.pin_dir!r}", setting="pin-dir")
+        _int_in("table limit", self.table_limit, 16, 1 << 27, "table-size")
+        _int_in("ring size", self.ring_bytes, PAGE, 1 << 30, "ring-size")
         if self.ring_bytes & (self.ring_bytes - 1):
-            raise ConfigError(f"ring size must be a power of two (bytes), got {self.ring_bytes}")
+            raise ConfigError(f"ring size must be a power of two (bytes), got {self.ring_bytes}",
+                              setting="ring-size")
         if not _finite(self.report_interval) or not 0 <= self.report_interval <= MAX_TIMEOUT_S:
             raise ConfigError(
                 f"report interval must be 0 (off) or seconds up to {MAX_TIMEOUT_S}, "
-                f"got {self.report_interval!r}")
+                f"got {self.report_interval!r}", setting="report-interval")
         if not _finite(self.sweep_interval) or not 0.01 <= self.sweep_interval <= 10:
             raise ConfigError(f"sweep interval must be in [0.01, 10] s, got {self.sweep_interval!r}")
         _int_in("sweep budget", self.sweep_budget, 1, 100_000_000)
         if not _finite(self.grace) or not 2.0 <= self.grace <= 3600:
             raise ConfigError(f"grace must be seconds in [2, 3600] (the index counts in ~1 s slots), "
-                              f"got {self.grace!r}")
+                              f"got {self.grace!r}", setting="grace")
         for name in ("early_drop_high", "early_drop_low"):
             v = getattr(self, name)
             if not _finite(v) or not 0 < v <= 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be a fraction in (0, 1], got {v!r}")
+                raise ConfigError(f"{name.replace('_', ' ')} must be a fraction in (0, 1], got {v!r}",
+                                  setting="early-drop")
         if self.early_drop_low >= self.early_drop_high:
             raise ConfigError(f"early drop low watermark ({self.early_drop_low}) must be below the "
-                              f"high one ({self.early_drop_high})")
+                              f"high one ({self.early_drop_high})", setting="early-drop")
         if self.ipv6_limit is not None:
-            _int_in("IPv6 limit", self.ipv6_limit, 16, self.table_limit)
+            _int_in("IPv6 limit", self.ipv6_limit, 16, self.table_limit, "ipv6-limit")
         if self.xdp_mode not in XDP_MODES:
-            raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}")
+            raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}",
+                              setting="xdp-mode")
         return self
 
     def map_config_bytes(self) -> bytes:
@@ -129,6 +133,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int_in(what: str, v, lo: int, hi: int) -> None:
+def _int_in(what: str, v, lo: int, hi: int, setting: str | None = None) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ConfigError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
+        raise ConfigError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}", setting=setting)

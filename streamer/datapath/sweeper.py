@@ -44,14 +44,17 @@ class Sweeper:
         self.early = {4: progs.get("ct_early4"), 6: progs.get("ct_early6")}
         self.budget = budget
         self.global_fd = global_fd
-        self.high = high_entries
-        self.low = low_entries
-        # Early drop looks this many slots ahead: every live entry is filed
-        # under a slot no later than now + its timeout.
-        self.horizon = math.ceil(horizon_s * 1e9 / (1 << abi.SLOT_SHIFT)) + 2
+        self.set_watermarks(high_entries, low_entries, horizon_s)
         self.lock = lock or threading.Lock()
         # room(): events the ring can take now (ringbuf.RingSpace.room_records)
         self.room = room or (lambda: abi.ROOM_UNLIMITED)
+
+    def set_watermarks(self, high_entries: int, low_entries: int, horizon_s: float) -> None:
+        """Early-drop bounds (also Session.reconfigure's, under self.lock).
+        Early drop looks `horizon` slots ahead: every live entry is filed
+        under a slot no later than now + its timeout."""
+        self.high, self.low = high_entries, low_entries
+        self.horizon = math.ceil(horizon_s * 1e9 / (1 << abi.SLOT_SHIFT)) + 2
 
     def tick(self) -> SweepResult:
         res = SweepResult()

@@ -27,6 +27,15 @@ COMPRESSIONS = {
     "lz4": kafka_codec.has_lz4,
     "zstd": kafka_codec.has_zstd,
 }
+# The settings (streamer/settings.py) that fill each field, for messages.
+_SETTING_OF = {
+    "bootstrap": "kafka", "topic": "topic", "compression": "kafka-compression",
+    "security_protocol": "kafka-security-protocol", "ssl_cafile": "kafka-ssl-cafile",
+    "ssl_certfile": "kafka-ssl-certfile", "ssl_keyfile": "kafka-ssl-keyfile",
+    "sasl_mechanism": "kafka-sasl-mechanism", "sasl_username": "kafka-sasl-username",
+    "sasl_password": "kafka-sasl-password-file", "request_timeout_ms": "kafka-timeout",
+    "delivery_timeout_ms": "kafka-timeout",
+}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
 
@@ -58,8 +67,18 @@ class KafkaSettings:
     sasl_password: str | None = None
 
     def validate(self) -> "KafkaSettings":
-        """Check every value; ConfigError says which one and why. TLS files
-        are loaded, so a missing, unreadable or malformed file shows here."""
+        """Check every value; ConfigError says which one and why (and names
+        the setting, as streamer/settings.py spells it). TLS files are
+        loaded, so a missing, unreadable or malformed file shows here."""
+        try:
+            return self._validate()
+        except ConfigError as exc:
+            m = re.match(r"kafka (\w+)", str(exc))
+            if exc.setting is None and m:
+                exc.setting = _SETTING_OF.get(m.group(1))
+            raise
+
+    def _validate(self) -> "KafkaSettings":
         self.bootstrap_hosts()
         if not isinstance(self.topic, str) or not _TOPIC_NAME.fullmatch(self.topic) \
                 or self.topic in (".", ".."):

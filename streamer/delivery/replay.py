@@ -17,7 +17,6 @@ running the same replay again is safe for the same dedupe reason.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import datetime
@@ -27,9 +26,7 @@ import socket
 import sys
 import time
 
-from ..datapath.config import DEFAULT_PIN_DIR
 from ..errors import ConfigError, StreamerError
-from .kafka_options import COMPRESSIONS, add_security_args, check_timeout, settings_from_args
 
 CONNECT_TIMEOUT_S = 10.0
 SEND_CHUNK = 10_000          # records per Producer.send call
@@ -42,63 +39,19 @@ _EPOCH = re.compile(r"\d+(?:\.\d+)?")
 _EPOCH_MS_ABOVE = 1e11       # seconds up to year 5138; more is milliseconds by mistake
 
 
-def add_parser(sub) -> None:
-    rp = sub.add_parser(
-        "replay", help="re-publish archived records, or the live table (--snapshot)",
-        description="Publish archived records of a time range again, byte for byte (the "
-                    "dedupe keys are the same, so exactly-once consumers stay exactly "
-                    "once), or with --snapshot one SNAPSHOT record per live connection.")
-    # argparse takes "-10m" for an option; let it read relative times as it
-    # reads negative numbers (its private matcher, stable since Python 3.2).
-    rp._negative_number_matcher = re.compile(r"^-\d+(?:\.\d+)?[smhdwSMHDW]?$|^-\.\d+$")
-    rp.add_argument("--from", dest="time_from", metavar="TIME",
-                    help="start of the range (included): ISO 8601 (2024-05-01T12:00:00Z; "
-                         "without a zone: local time), epoch seconds, 'now', or relative "
-                         "like -10m, -2h, -1d")
-    rp.add_argument("--to", dest="time_to", metavar="TIME", default="now",
-                    help="end of the range (excluded), same forms (now)")
-    rp.add_argument("--ct-id", type=_ct_id, action="append", metavar="ID",
-                    help="only this connection's records (repeat for more)")
-    rp.add_argument("--node-id", help="archive: only this node's records; --snapshot: the "
-                                      "node id the records carry (default: the host name)")
-    rp.add_argument("--snapshot", action="store_true",
-                    help="publish the live table as SNAPSHOT records instead (needs --pin-dir "
-                         "of the running datapath)")
-    where = rp.add_mutually_exclusive_group()
-    where.add_argument("--spool", metavar="DIR",
-                       help="the daemon's --spool; the archive is DIR/archive")
-    where.add_argument("--pin-dir", default=DEFAULT_PIN_DIR,
-                       help="the daemon's --pin-dir: the archive is under its default spool "
-                            "(/var/lib/ctstream/spool/<pin dir name>/archive); with "
-                            "--snapshot, the table to read (%(default)s)")
-    k = rp.add_argument_group("kafka")
-    k.add_argument("--kafka", required=True, metavar="HOST:PORT[,HOST:PORT]")
-    k.add_argument("--topic", required=True, help="the topic to publish to (must exist)")
-    k.add_argument("--kafka-timeout", type=float, default=30.0, metavar="S",
-                   help="a send not acknowledged within S seconds fails the replay (%(default)g)")
-    k.add_argument("--kafka-compression", default="none", choices=COMPRESSIONS)
-    add_security_args(k)
-    rp.set_defaults(func=main)
-
-
-def _ct_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"expected a connection id (0 .. 2^64-1), got {text!r}")
-    return value
-
-
-def main(a: argparse.Namespace) -> int:
+def main(a, kafka_settings) -> int:
+    """`ctstream replay`: `a` is its settings.Config, `kafka_settings()`
+    makes (and validates) the KafkaSettings to publish with."""
+    if a.given("spool") and a.given("pin-dir") and not a.snapshot:
+        raise ConfigError("--spool and --pin-dir do not go together: the archive is in the "
+                          "spool, and --pin-dir only names its default place")
     if a.snapshot:
         if a.time_from is not None or a.time_to != "now" or a.ct_id or a.spool:
             raise ConfigError("--snapshot publishes the live table: --from, --to, --ct-id "
                               "and --spool do not go with it")
         from .records import check_node_id
         node_id = check_node_id(a.node_id or socket.gethostname())
-        return asyncio.run(_snapshot(a, _kafka_settings(a), node_id))
+        return asyncio.run(_snapshot(a, kafka_settings(), node_id))
     if a.time_from is None:
         raise ConfigError("give the range to replay with --from TIME [--to TIME], "
                           "or --snapshot for the live table")
@@ -113,7 +66,7 @@ def main(a: argparse.Namespace) -> int:
         raise ConfigError(f"no archive at {directory} (`ctstream run` keeps one in its spool "
                           f"directory unless --archive-max 0: give its --spool or --pin-dir)")
     reader = ArchiveReader(directory, lo, hi)
-    return asyncio.run(_replay(a, _kafka_settings(a), reader))
+    return asyncio.run(_replay(a, kafka_settings(), reader))
 
 
 # ---------------------------------------------------------------- times
@@ -156,14 +109,6 @@ def _iso(ms: int) -> str:
 
 
 # ---------------------------------------------------------------- Kafka
-
-def _kafka_settings(a: argparse.Namespace):
-    check_timeout(a)
-    timeout_ms = int(a.kafka_timeout * 1000)
-    return settings_from_args(
-        a, client_id="ctstream-replay", compression=a.kafka_compression,
-        request_timeout_ms=min(timeout_ms, 10_000), delivery_timeout_ms=timeout_ms)
-
 
 class _Sender:
     """Producer.send calls of SEND_CHUNK records, up to SENDS_IN_FLIGHT at a
@@ -271,7 +216,7 @@ def key_filter(ct_ids, node_id: str | None):
     return keep
 
 
-async def _replay(a: argparse.Namespace, settings, reader) -> int:
+async def _replay(a, settings, reader) -> int:
     from ..errors import KafkaUnavailable
 
     keep = key_filter(a.ct_id, a.node_id)
@@ -370,7 +315,7 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
     return out
 
 
-async def _snapshot(a: argparse.Namespace, settings, node_id: str) -> int:
+async def _snapshot(a, settings, node_id: str) -> int:
     from ..datapath.table import PinnedTable
 
     with PinnedTable(a.pin_dir) as table:

@@ -408,7 +408,7 @@ def test_run_options_reach_the_sink():
     from streamer import cli
 
     def sink(*extra):
-        a = cli.build_parser().parse_args(["run", "-i", "eth9", "--kafka", "127.0.0.1:9",
+        a = cli.load_config(["run", "-i", "eth9", "--kafka", "127.0.0.1:9",
                                            "--topic", "t", "--pin-dir", "/sys/fs/bpf/x", *extra])
         return cli._kafka_sink(a)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from streamer.datapath import abi
-from streamer.cli import _datapath_config, build_parser
+from streamer.cli import build_parser, load_config
 from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.errors import ConfigError
 
@@ -50,10 +50,10 @@ def test_map_config_bytes_layout():
 
 
 def test_cli_events_options_reach_the_config():
-    a = build_parser().parse_args([
+    a = load_config([
         "events", "-i", "eth0", "-i", "eth1", "--egress", "--timeout-udp", "7.5",
         "--ring-size", "64k", "--table-size", "1000", "--xdp-mode", "generic"])
-    cfg = _datapath_config(a)
+    cfg = a.datapath
     assert a.ifaces == ["eth0", "eth1"] and a.egress
     assert cfg.timeouts.udp == 7.5 and cfg.ring_bytes == 65536 and cfg.table_limit == 1000
     assert cfg.xdp_mode == "generic"
@@ -75,15 +75,13 @@ def test_cli_bad_config_is_a_one_line_error(capsys):
 
 
 def test_run_config_file_settings_and_the_command_line_wins(tmp_path):
-    from streamer.cli import _with_config_file, build_parser
     f = tmp_path / "ct.toml"
     f.write_text('kafka = "127.0.0.1:9092"\ntopic = "flows"\ninterface = ["eth0", "eth1"]\n'
                  'egress = true\ntimeout-udp = 7\nspool_max = "64m"\n')
-    argv = _with_config_file(["run", "--config", str(f), "--topic", "other", "-i", "eth2"])
-    a = build_parser().parse_args(argv)
+    a = load_config(["run", "--config", str(f), "--topic", "other", "-i", "eth2"])
     assert (a.kafka, a.topic, a.egress, a.timeout_udp, a.spool_max) == \
         ("127.0.0.1:9092", "other", True, 7.0, 64 << 20)
-    assert a.ifaces == ["eth0", "eth1", "eth2"]
+    assert a.ifaces == ["eth2"]      # a list on the command line replaces the file's
 
 
 @pytest.mark.parametrize("text,says", [

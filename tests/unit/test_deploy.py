@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.cli import _datapath_config, _with_config_file, build_parser
+from streamer.cli import load_config
 from streamer.datapath.loader import STATE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,8 +152,8 @@ def test_compose_services_and_the_daemon(compose):
 
     # The daemon's command is a valid `ctstream run` for this CLI.
     argv = daemon["command"]
-    a = build_parser().parse_args(argv)
-    assert a.cmd == "run" and a.ifaces == ["eth0"]
+    a = load_config(argv)
+    assert a.command == "run" and a.ifaces == ["eth0"]
     assert a.kafka == "kafka:9092" and a.topic == "ctstream.events"
     assert a.mqtt == "mosquitto:1883"
 
@@ -194,7 +194,7 @@ def test_compose_kafka_is_kraft_without_auto_create_at_the_pinned_version(compos
 def test_compose_settings_come_from_the_environment(compose):
     svc = resolved(compose, {"CTSTREAM_IFACE": "ens9", "CTSTREAM_TOPIC": "flows",
                              "CTSTREAM_PARTITIONS": "6", "CTSTREAM_DB_PASSWORD": "s3cret"})["services"]
-    a = build_parser().parse_args(svc["ctstream"]["command"])
+    a = load_config(svc["ctstream"]["command"])
     assert a.ifaces == ["ens9"] and a.topic == "flows"
     assert option(svc["kafka-topics"]["command"], "--topic") == "flows"
     assert option(svc["kafka-topics"]["command"], "--partitions") == "6"
@@ -372,11 +372,10 @@ def test_units_security_exposure(tmp_path):
 
 
 def test_example_toml_is_a_valid_run_config():
-    argv = _with_config_file(["run", "--config", str(EXAMPLE_TOML)])
-    a = build_parser().parse_args(argv)
-    assert a.cmd == "run" and a.ifaces == ["eth0"] and a.egress
+    a = load_config(["run", "--config", str(EXAMPLE_TOML)])
+    assert a.command == "run" and a.ifaces == ["eth0"] and a.egress
     assert a.kafka == "127.0.0.1:9092" and a.topic == "ctstream.events"
-    cfg = _datapath_config(a)  # validates sizes, timeouts and the pin dir
+    cfg = a.datapath  # validated: sizes, timeouts and the pin dir
     assert cfg.ring_bytes == 4 << 20
     # The unit makes this pin dir 0700 and may write only under its state dir.
     svc = parse_unit(UNIT)["Service"]
@@ -392,8 +391,7 @@ def test_example_toml_commented_settings_are_valid_too(tmp_path):
     assert len(extra) >= 5
     f = tmp_path / "all.toml"
     f.write_text(text + "\n" + "\n".join(f"{k} = {v}" for k, v in extra) + "\n")
-    argv = _with_config_file(["run", "--config", str(f)])
-    a = build_parser().parse_args(argv)
+    a = load_config(["run", "--config", str(f)], typed=False)   # files they name need not exist
     for key, _ in extra:
         assert getattr(a, key.replace("-", "_")) is not None, key
 

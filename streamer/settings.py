@@ -1,0 +1,664 @@
+"""One typed configuration for `run`, `events`, `account` and `replay`.
+
+Every setting is one row of SETTINGS: its name (the TOML key and the long
+option, `--name`), its kind, its default (per command where they differ),
+the commands that take it, and its help. From that table come the command
+line options (cli.py adds them to each subcommand), the reading of a TOML
+file, and the values of a `Config`, in this order of precedence:
+
+    an option given on the command line  >  the --config file  >  the default
+
+A list given on the command line replaces the file's list. Every boolean
+has a `--no-...` form, so the command line can turn off what the file turns
+on. A file may hold settings of other commands (one file for `run` and
+`account`): they are passed over; a name no command knows is an error.
+
+Values are checked in one place: each kind's parser, then the typed parts a
+Config is made of (DatapathConfig, KafkaSettings, SpoolConfig, MqttConfig,
+MetricsConfig, ...), whose validate() raise ConfigError naming the setting.
+The message then says where the value came from: `FILE:LINE: name: ...`
+for the file, `--name: ...` for an option, `name: ...` for a default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+
+from .datapath.config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
+from .errors import ConfigError
+
+COMMANDS = ("run", "events", "account", "replay")
+KAFKA_CMDS = ("run", "account", "replay")
+DAEMON_CMDS = ("run", "events")
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+PASSWORD_ENV = "CTSTREAM_KAFKA_SASL_PASSWORD"
+MQTT_PASSWORD_ENV = "CTSTREAM_MQTT_PASSWORD"
+DEFAULT_DB = "sqlite:/var/lib/ctstream/accounting.db"
+# account --report: a flow without a DESTROY is unfinished once silent this
+# long (the longest default timeout, plus a minute or two graces for the
+# DESTROY's retries; streamer/accounting/report.py says why).
+DEFAULT_HORIZON_S = Timeouts().longest() + max(60.0, 2 * DatapathConfig().grace)
+MAX_SECONDS = 100 * 365 * 86400.0
+
+
+# ---------------------------------------------------------------- kinds
+
+_UNITS_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_UNITS_B = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def seconds(text) -> float:
+    """10, 2.5, "10s", "5m", "2h", "1d" -> seconds."""
+    if isinstance(text, bool):
+        raise ValueError("expected a number of seconds, got a boolean")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*(-?[0-9.]+(?:e-?\d+)?)\s*([smhd]?)\s*", str(text), re.I)
+        if not m:
+            raise ValueError(f"expected a number of seconds, got {text!r}")
+        try:
+            value = float(m.group(1)) * _UNITS_S[m.group(2).lower()]
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
+def size(text) -> int:
+    """4096, "64k", "4m", "1g" (a trailing b is allowed) -> bytes."""
+    if isinstance(text, bool):
+        raise ValueError("expected a size like 4096, 64k or 4m, got a boolean")
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().lower().removesuffix("b")
+    mult = _UNITS_B.get(t[-1:], 1) if t[-1:].isalpha() else 1
+    if t[-1:].isalpha():
+        if t[-1:] not in _UNITS_B:
+            raise ValueError(f"expected a size like 4096, 64k or 4m, got {text!r}")
+        t = t[:-1]
+    try:
+        return int(t) * mult
+    except ValueError:
+        raise ValueError(f"expected a size like 4096, 64k or 4m, got {text!r}") from None
+
+
+def fractions(text) -> tuple[float, float]:
+    """"0.9,0.8", "90%,80%" or [0.9, 0.8] -> (high, low)."""
+    parts = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        pct = any("%" in str(p) for p in parts)
+        hi, lo = (float(str(p).strip().rstrip("%")) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected HIGH,LOW fractions like 0.9,0.8 (or 90%,80%), "
+                         f"got {text!r}") from None
+    return (hi / 100, lo / 100) if pct else (hi, lo)
+
+
+def integer(text) -> int:
+    if isinstance(text, bool) or isinstance(text, float):
+        raise ValueError(f"expected an integer, got {text!r}")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def connection_id(text) -> int:
+    try:
+        value = integer(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"expected a connection id (0 .. 2^64-1), got {text!r}")
+    return value
+
+
+def string(text) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {text!r}")
+    return text
+
+
+# kind -> (what a command-line word becomes, what a TOML value becomes)
+KINDS = {
+    "str": (str, string),
+    "int": (integer, integer),
+    "seconds": (seconds, seconds),
+    "size": (size, size),
+    "bool": (None, None),
+    "list": (str, string),
+    "ints": (connection_id, connection_id),
+    "choice": (str, string),
+    "fractions": (fractions, fractions),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str
+    default: object                  # a value, or {command: value}
+    help: str
+    commands: tuple[str, ...]
+    short: str | None = None
+    metavar: str | None = None
+    choices: tuple = ()
+    group: str = ""                  # the help section
+    dest: str = ""                   # the attribute in Config.values (default: name with _)
+
+    @property
+    def key(self) -> str:
+        return self.dest or self.name.replace("-", "_")
+
+    def default_for(self, command: str):
+        d = self.default
+        return d.get(command) if isinstance(d, dict) else d
+
+    def parse(self, value, from_file: bool):
+        """A command-line word or a TOML value of this setting, converted and
+        checked against the kind; ValueError says why not."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return value
+        conv = KINDS[self.kind][1 if from_file else 0]
+        if self.kind in ("list", "ints"):
+            items = value if isinstance(value, list) else [value]
+            if from_file and any(isinstance(v, (dict, list)) for v in items):
+                raise ValueError("must be a string, number, boolean or a list of them")
+            return [conv(str(v) if self.kind == "list" and from_file and not isinstance(v, str)
+                         else v) for v in items]
+        if from_file and isinstance(value, (dict, list)) and self.kind != "fractions":
+            raise ValueError("must be a string, number, boolean or a list of them")
+        if from_file and self.kind in ("str", "choice") and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            value = str(value)
+        out = conv(value)
+        if self.choices and out not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}, got {out!r}")
+        return out
+
+
+def _s(name, kind, default, help, commands, **kw) -> Setting:
+    return Setting(name, kind, default, help, tuple(commands), **kw)
+
+
+_T = Timeouts()
+_D = DatapathConfig()
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- where to attach
+    _s("interface", "list", None, "interface to attach XDP to (repeat for a gateway)",
+       DAEMON_CMDS, short="-i", metavar="IFACE", dest="ifaces", group="target"),
+    _s("egress", "bool", False, "also attach a tc egress program, for connections that end "
+       "on this host", DAEMON_CMDS, group="target"),
+    _s("netns", "str", None, "network namespace of the interfaces (name in /run/netns)",
+       DAEMON_CMDS, short="-n", group="target"),
+    _s("keep", "bool", {"run": True, "events": False},
+       "on stop, leave the programs attached and the maps pinned: the kernel keeps tracking, "
+       "and the next start adopts the table and its outbox (`ctstream detach` removes "
+       "everything); the default of run; a failure always leaves them", DAEMON_CMDS,
+       group="target"),
+    _s("detach-on-stop", "bool", False,
+       "on a requested stop (SIGTERM, Ctrl-C), detach the programs and remove the maps, giving "
+       "up live connections and unacked DESTROYs; by default they stay for the next start "
+       "to adopt", ("run",), group="target"),
+    _s("lost-interval", "seconds", 10.0, "seconds between LOST reports of new drops, 0 = off",
+       DAEMON_CMDS, metavar="S", group="target"),
+    # -- the datapath
+    _s("pin-dir", "str", DEFAULT_PIN_DIR, "bpffs directory of the pinned maps",
+       DAEMON_CMDS + ("replay",), group="datapath"),
+    _s("table-size", "int", _D.table_limit, "connections tracked at most, live and awaiting "
+       "the ack of their DESTROY", DAEMON_CMDS, group="datapath"),
+    _s("ring-size", "size", _D.ring_bytes, "event ring bytes, a power of two (4m)",
+       DAEMON_CMDS, group="datapath"),
+    _s("report-interval", "seconds", _D.report_interval,
+       "seconds between UPDATEs of a long flow, 0 = off", DAEMON_CMDS, metavar="S",
+       group="datapath"),
+    _s("xdp-mode", "choice", _D.xdp_mode, "auto tries native, then generic", DAEMON_CMDS,
+       choices=XDP_MODES, group="datapath"),
+    _s("drop-untracked", "bool", False, "drop new connections when the table is full",
+       DAEMON_CMDS, group="datapath"),
+    _s("ipv6-limit", "int", None, "IPv6 connections at most (default: a quarter of a large "
+       "table, at least 65536; each place costs a 16-byte hash bucket)", DAEMON_CMDS,
+       metavar="N", group="datapath"),
+    _s("grace", "seconds", _D.grace, "re-emit an unacked DESTROY after uniform [S/2, S] "
+       "seconds", DAEMON_CMDS, metavar="S", group="datapath"),
+    _s("early-drop", "fractions", (_D.early_drop_high, _D.early_drop_low),
+       "above HIGH (fraction of the table) drop unassured entries early, until LOW",
+       DAEMON_CMDS, metavar="HIGH,LOW", group="datapath"),
+    *(_s(f"timeout-{n}", "seconds", getattr(_T, n), f"{n} timeout in seconds", DAEMON_CMDS,
+         metavar="S", group="datapath")
+      for n in ("syn", "established", "fin", "udp", "icmp", "other")),
+    # -- Kafka
+    _s("kafka", "str", None, "bootstrap servers", KAFKA_CMDS,
+       metavar="HOST:PORT[,HOST:PORT]", group="kafka"),
+    _s("topic", "str", None, "the topic (must exist: auto-create is not assumed)",
+       KAFKA_CMDS, group="kafka"),
+    _s("node-id", "str", None, "this node's name in every record (default: the host name); "
+       "replay: only this node's records, or the node of --snapshot records",
+       ("run", "replay"), group="kafka"),
+    _s("kafka-timeout", "seconds", {"run": 5.0, "account": 15.0, "replay": 30.0},
+       "run: a batch not acknowledged within S seconds goes to the spool; account: give up "
+       "when Kafka cannot be reached within S at start; replay: a send not acknowledged "
+       "within S fails the replay", KAFKA_CMDS, metavar="S", group="kafka"),
+    _s("kafka-compression", "choice", "none", "record batch compression", ("run", "replay"),
+       choices=COMPRESSIONS, group="kafka"),
+    _s("kafka-security-protocol", "choice", "PLAINTEXT", "", KAFKA_CMDS,
+       choices=SECURITY_PROTOCOLS, group="kafka"),
+    _s("kafka-ssl-cafile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
+    _s("kafka-ssl-certfile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
+    _s("kafka-ssl-keyfile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
+    _s("kafka-sasl-mechanism", "choice", None, "", KAFKA_CMDS, choices=SASL_MECHANISMS,
+       group="kafka"),
+    _s("kafka-sasl-username", "str", None, "", KAFKA_CMDS, group="kafka"),
+    _s("kafka-sasl-password-file", "str", None,
+       f"file holding the SASL password (or set {PASSWORD_ENV})", KAFKA_CMDS, metavar="FILE",
+       group="kafka"),
+    # -- spool and archive
+    _s("spool", "str", None, "run: durable spool for when Kafka is down or slow (default "
+       "/var/lib/ctstream/spool/<pin dir name>); replay: the daemon's --spool, the archive "
+       "is DIR/archive", ("run", "replay"), metavar="DIR", group="spool"),
+    _s("spool-max", "size", 1 << 30, "spool bound; when full, DESTROYs stay in the kernel's "
+       "outbox (1g)", ("run",), metavar="SIZE", group="spool"),
+    _s("archive-max", "size", 256 << 20, "keep up to SIZE of published records for "
+       "`ctstream replay`, 0 = no archive (256m)", ("run",), metavar="SIZE", group="spool"),
+    _s("archive-age", "seconds", 86400.0, "and for at most S seconds, 0 = no age limit",
+       ("run",), metavar="S", group="spool"),
+    # -- MQTT and metrics
+    _s("mqtt", "str", None, "publish status and alerts to this MQTT broker (port 1883 "
+       "unless given)", DAEMON_CMDS, metavar="HOST[:PORT]", group="mqtt"),
+    _s("mqtt-username", "str", None, "", DAEMON_CMDS, metavar="NAME", group="mqtt"),
+    _s("mqtt-password-file", "str", None, f"file holding the MQTT password (or set "
+       f"{MQTT_PASSWORD_ENV})", DAEMON_CMDS, metavar="FILE", group="mqtt"),
+    _s("mqtt-cafile", "str", None, "connect with TLS, trusting this CA", DAEMON_CMDS,
+       metavar="FILE", group="mqtt"),
+    _s("mqtt-interval", "seconds", 5.0, "seconds between status messages", DAEMON_CMDS,
+       metavar="S", group="mqtt"),
+    _s("alert-kafka-down", "seconds", 30.0, "alert when Kafka has been unreachable for S "
+       "seconds", DAEMON_CMDS, metavar="S", group="mqtt"),
+    _s("metrics", "str", None, "serve Prometheus metrics at http://ADDR:PORT/metrics",
+       DAEMON_CMDS, metavar="ADDR:PORT", group="metrics"),
+    _s("metrics-walk-max", "int", 100_000, "count connections per state only while the "
+       "table holds at most N (a walk of the table at most every 30 s)", DAEMON_CMDS,
+       metavar="N", group="metrics"),
+    # -- events
+    _s("output", "choice", "text", "events: the line format on stdout; account: the format "
+       "of the report, or of the final counts", ("events", "account"), short="-o",
+       choices=("text", "json")),
+    _s("sink", "str", "stdout", "stdout, or jsonl:PATH (appended, fsync'd in batches); a "
+       "DESTROY is acked to the kernel's outbox only once the sink has it durably",
+       ("events",), metavar="SPEC"),
+    # -- account
+    _s("db", "str", DEFAULT_DB, "sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:"
+       "PORT/DB", ("account",), metavar="URL", group="account"),
+    _s("group", "str", "ctstream-account", "Kafka consumer group; consumers of one group "
+       "split the partitions", ("account",), group="account"),
+    _s("until-idle", "seconds", None, "exit once every assigned partition is read to its end "
+       "and nothing arrived for S seconds (default: run until SIGINT/SIGTERM)", ("account",),
+       metavar="S", group="account"),
+    _s("session-timeout", "seconds", 10.0, "Kafka group session timeout: a consumer that "
+       "died loses its partitions after S seconds", ("account",), metavar="S",
+       group="account"),
+    _s("report", "bool", False, "print the gap report (seq gaps, flows without a DESTROY) "
+       "and exit; needs no Kafka", ("account",), group="account"),
+    _s("horizon", "seconds", DEFAULT_HORIZON_S, "--report: a flow without a DESTROY and silent for S "
+       "seconds is unfinished (the longest default timeout plus a grace)", ("account",),
+       metavar="S", group="account"),
+    # -- replay
+    _s("from", "str", None, "start of the range (included): ISO 8601 (2024-05-01T12:00:00Z; "
+       "without a zone: local time), epoch seconds, 'now', or relative like -10m, -2h, -1d",
+       ("replay",), metavar="TIME", dest="time_from", group="replay"),
+    _s("to", "str", "now", "end of the range (excluded), same forms", ("replay",),
+       metavar="TIME", dest="time_to", group="replay"),
+    _s("ct-id", "ints", None, "only this connection's records (repeat for more)", ("replay",),
+       metavar="ID", group="replay"),
+    _s("snapshot", "bool", False, "publish the live table as SNAPSHOT records instead (needs "
+       "--pin-dir of the running datapath)", ("replay",), group="replay"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def settings_of(command: str) -> list[Setting]:
+    return [s for s in SETTINGS if command in s.commands]
+
+
+# ---------------------------------------------------------------- sources
+
+def read_file(path: str) -> tuple[dict, dict[str, int]]:
+    """The top-level settings of a TOML file and the line of each."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        at = f"{path}:{line.group(1)}" if line else path
+        raise ConfigError(f"{at}: config file {path} is not valid TOML: {exc}") from exc
+    lines: dict[str, int] = {}
+    for n, text in enumerate(raw.decode("utf-8").splitlines(), 1):
+        m = re.match(r"\s*([\"']?)([A-Za-z0-9_-]+)\1\s*=", text)
+        if m and m.group(2) not in lines:
+            lines[m.group(2)] = n
+        if re.match(r"\s*\[", text):
+            break           # tables come after the top-level keys: not settings
+    return data, lines
+
+
+@dataclass
+class Config:
+    """The settings of one command: `values` by setting key (also read as
+    attributes: cfg.ifaces, cfg.kafka), `origins` by setting name
+    ("default", "FILE:LINE" or "--name"), and the typed parts built from
+    them (None where the command has no such part)."""
+
+    command: str
+    values: dict
+    origins: dict
+    config_file: str | None = None
+    datapath: DatapathConfig | None = None
+    kafka_settings: object = None         # delivery.kafka_settings.KafkaSettings
+    spool_config: "SpoolConfig | None" = None
+    mqtt_config: "MqttConfig | None" = None
+    metrics_config: "MetricsConfig | None" = None
+
+    def __getattr__(self, key: str):
+        # The plain settings (ifaces, keep, output, db, ...) by their key.
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def given(self, name: str) -> bool:
+        return self.origins.get(name, "default") != "default"
+
+    def where(self, name: str) -> str:
+        origin = self.origins.get(name, "default")
+        if origin == "default":
+            return name
+        if origin.startswith("--"):
+            return origin
+        return f"{origin}: {name}"
+
+    @property
+    def keep_on_stop(self) -> bool:
+        return bool(self.values.get("keep")) and not self.values.get("detach_on_stop")
+
+    @property
+    def node_id(self) -> str:
+        return self.values.get("node_id") or socket.gethostname()
+
+
+def build(command: str, options: dict, config_file: str | None = None,
+          typed: bool = True) -> Config:
+    """The Config of `command` from the options given on its command line
+    (setting name -> converted value: only those given) and the file; with
+    typed, also its typed parts (validated, TLS and password files read)."""
+    known = settings_of(command)
+    values = {s.key: s.default_for(command) for s in known}
+    origins = {s.name: "default" for s in known}
+    if config_file:
+        data, lines = read_file(config_file)
+        for name, value in data.items():
+            canon = name.replace("_", "-")
+            at = f"{config_file}:{lines.get(name, '?')}"
+            s = BY_NAME.get(canon)
+            if s is None:
+                raise ConfigError(f"{at}: config file {config_file}: unknown setting {name!r}")
+            if command not in s.commands:
+                continue        # another command's setting
+            try:
+                values[s.key] = s.parse(value, from_file=True)
+            except ValueError as exc:
+                raise ConfigError(f"{at}: {canon}: {exc}") from None
+            origins[s.name] = at
+    for name, value in options.items():
+        s = BY_NAME[name]
+        values[s.key] = value
+        origins[s.name] = f"--{name}"
+    cfg = Config(command, values, origins, config_file)
+    if typed:
+        _make_parts(cfg)
+    return cfg
+
+
+def _make_parts(cfg: Config) -> None:
+    """The typed parts of the command's Config, validated; a ConfigError
+    from a part names its setting, which is said with its origin."""
+    v, cmd = cfg.values, cfg.command
+    try:
+        if cmd in DAEMON_CMDS:
+            _require(cfg, "interface")
+            if v["lost_interval"] < 0:
+                raise ConfigError("--lost-interval must be 0 (off) or positive, got "
+                                  f"{v['lost_interval']:g}", setting="lost-interval")
+            cfg.datapath = datapath_config(v)
+            cfg.mqtt_config = MqttConfig.from_values(v)
+            cfg.metrics_config = MetricsConfig.from_values(v)
+        if cmd == "run":
+            _require(cfg, "kafka", "topic")
+            cfg.spool_config = SpoolConfig.from_values(v)
+            cfg.kafka_settings = kafka_settings(v, compression=v["kafka_compression"],
+                                       **send_timeouts(v["kafka_timeout"]))
+    except ConfigError as exc:
+        raise _located(cfg, exc) from exc.__cause__
+
+
+def _require(cfg: Config, *names: str) -> None:
+    for name in names:
+        if cfg.values[BY_NAME[name].key] in (None, []):
+            raise ConfigError(f"the following setting is required: --{name} (or {name} = ... "
+                              f"in --config)")
+
+
+def _located(cfg: Config, exc: ConfigError) -> ConfigError:
+    name = getattr(exc, "setting", None)
+    if name is None or name not in cfg.origins:
+        return exc
+    where = cfg.where(name)
+    text = str(exc)
+    if text.startswith(where) or (where.startswith("--") and text.startswith("--")):
+        return exc      # the message names its option already
+    out = ConfigError(f"{where}: {text}")
+    out.setting = name
+    return out
+
+
+# ---------------------------------------------------------------- the typed parts
+
+def datapath_config(v: dict) -> DatapathConfig:
+    hi, lo = v["early_drop"]
+    return DatapathConfig(
+        pin_dir=v["pin_dir"], table_limit=v["table_size"], ring_bytes=v["ring_size"],
+        report_interval=v["report_interval"], xdp_mode=v["xdp_mode"],
+        drop_untracked=v["drop_untracked"], ipv6_limit=v["ipv6_limit"], grace=v["grace"],
+        early_drop_high=hi, early_drop_low=lo,
+        timeouts=Timeouts(syn=v["timeout_syn"], established=v["timeout_established"],
+                          fin=v["timeout_fin"], udp=v["timeout_udp"], icmp=v["timeout_icmp"],
+                          other=v["timeout_other"]),
+    ).validate()
+
+
+def sasl_password(v: dict) -> str | None:
+    path = v["kafka_sasl_password_file"]
+    if not path:
+        return os.environ.get(PASSWORD_ENV)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --kafka-sasl-password-file {path}: {exc.strerror}",
+                          setting="kafka-sasl-password-file") from exc
+
+
+def check_kafka_timeout(timeout_s: float) -> float:
+    if not 0 < timeout_s <= 3600:
+        raise ConfigError(f"--kafka-timeout must be in (0, 3600] seconds, got {timeout_s:g}",
+                          setting="kafka-timeout")
+    return timeout_s
+
+
+def send_timeouts(timeout_s: float) -> dict:
+    """A send's timeouts from --kafka-timeout: one request at most 10 s of
+    it, the whole delivery all of it."""
+    timeout_ms = int(check_kafka_timeout(timeout_s) * 1000)
+    return {"request_timeout_ms": max(100, min(timeout_ms, 10_000)),
+            "delivery_timeout_ms": max(100, timeout_ms)}
+
+
+def kafka_settings(v: dict, **extra):
+    """KafkaSettings from kafka, topic and the security settings, plus
+    `extra` (compression, client id, timeouts) as the command wants,
+    validated."""
+    from .delivery.kafka_settings import KafkaSettings
+
+    return KafkaSettings(
+        bootstrap=v["kafka"], topic=v["topic"],
+        security_protocol=v["kafka_security_protocol"], ssl_cafile=v["kafka_ssl_cafile"],
+        ssl_certfile=v["kafka_ssl_certfile"], ssl_keyfile=v["kafka_ssl_keyfile"],
+        sasl_mechanism=v["kafka_sasl_mechanism"], sasl_username=v["kafka_sasl_username"],
+        sasl_password=sasl_password(v), **extra).validate()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    directory: str | None         # None: the default of the pin dir
+    max_bytes: int
+    archive_max: int
+    archive_age_s: float
+
+    @classmethod
+    def from_values(cls, v: dict) -> "SpoolConfig":
+        return cls(v["spool"], v["spool_max"], v["archive_max"], v["archive_age"]).validate()
+
+    def validate(self) -> "SpoolConfig":
+        if self.max_bytes < 1 << 20:
+            raise ConfigError(f"--spool-max must be at least 1m, got {self.max_bytes}",
+                              setting="spool-max")
+        if self.archive_max < 0 or (self.archive_max and self.archive_max < 1 << 20):
+            raise ConfigError(f"--archive-max must be 0 (no archive) or at least 1m, got "
+                              f"{self.archive_max}", setting="archive-max")
+        if not 0 <= self.archive_age_s <= MAX_SECONDS:
+            raise ConfigError(f"--archive-age must be 0 (no age limit) or positive, got "
+                              f"{self.archive_age_s:g}", setting="archive-age")
+        return self
+
+    def dir_for(self, pin_dir: str) -> str:
+        from .delivery.archive import default_spool_dir
+        return self.directory or default_spool_dir(pin_dir)
+
+
+@dataclass
+class MqttConfig:
+    """--mqtt and its options; validate() also reads the password and loads
+    the CA, so that a bad file fails before anything starts."""
+
+    broker: str | None
+    username: str | None = None
+    password_file: str | None = None
+    cafile: str | None = None
+    interval: float = 5.0
+    kafka_down_s: float = 30.0
+    host: str | None = None
+    port: int = 0
+    password: str | None = None
+    tls: object = None              # ssl.SSLContext
+
+    @classmethod
+    def from_values(cls, v: dict) -> "MqttConfig":
+        return cls(v["mqtt"], v["mqtt_username"], v["mqtt_password_file"], v["mqtt_cafile"],
+                   v["mqtt_interval"], v["alert_kafka_down"]).validate()
+
+    def validate(self) -> "MqttConfig":
+        if not self.broker:
+            return self
+        import ssl
+
+        from .observe.mqtt_status import parse_broker
+
+        try:
+            self.host, self.port = parse_broker(self.broker)
+        except ConfigError as exc:
+            exc.setting = "mqtt"
+            raise
+        self.password = os.environ.get(MQTT_PASSWORD_ENV)
+        if self.password_file:
+            try:
+                with open(self.password_file) as f:
+                    self.password = f.readline().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --mqtt-password-file {self.password_file}: "
+                                  f"{exc.strerror}", setting="mqtt-password-file") from exc
+        if self.password and not self.username:
+            raise ConfigError("an MQTT password needs --mqtt-username", setting="mqtt-username")
+        if self.cafile:
+            try:
+                self.tls = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--mqtt-cafile {self.cafile}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}",
+                                  setting="mqtt-cafile") from exc
+        if not 0.5 <= self.interval <= 3600:
+            raise ConfigError(f"--mqtt-interval must be in [0.5, 3600] seconds, got "
+                              f"{self.interval:g}", setting="mqtt-interval")
+        if not 0 <= self.kafka_down_s <= 86400:
+            raise ConfigError(f"--alert-kafka-down must be in [0, 86400] seconds, got "
+                              f"{self.kafka_down_s:g}", setting="alert-kafka-down")
+        return self
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None
+    walk_max: int
+    host: str | None = None
+    port: int = 0
+
+    @classmethod
+    def from_values(cls, v: dict) -> "MetricsConfig":
+        if v["metrics_walk_max"] < 0:
+            raise ConfigError(f"--metrics-walk-max must be 0 or more, got "
+                              f"{v['metrics_walk_max']}", setting="metrics-walk-max")
+        if not v["metrics"]:
+            return cls(None, v["metrics_walk_max"])
+        from .observe.metrics import parse_listen
+
+        try:
+            host, port = parse_listen(v["metrics"])
+        except ConfigError as exc:
+            exc.setting = "metrics"
+            raise
+        return cls(v["metrics"], v["metrics_walk_max"], host, port)
+
+
+# What Session.reconfigure may change while the datapath runs, and what
+# needs a new load (the maps' sizes are fixed when they are made).
+NEEDS_RELOAD = {"table_limit": "table-size", "ring_bytes": "ring-size",
+                "ipv6_limit": "ipv6-limit", "pin_dir": "pin-dir", "xdp_mode": "xdp-mode"}
+
+
+def reload_needed(old: DatapathConfig, new: DatapathConfig) -> list[str]:
+    """The settings that differ between two datapath configs and cannot
+    change while the datapath is loaded, as 'name: old -> new'."""
+    out = []
+    for attr, name in NEEDS_RELOAD.items():
+        a = old.ipv6_capacity() if attr == "ipv6_limit" else getattr(old, attr)
+        b = new.ipv6_capacity() if attr == "ipv6_limit" else getattr(new, attr)
+        if a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out
+
