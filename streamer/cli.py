@@ -48,7 +48,7 @@ def _word(s: Setting):
         try:
             return conv(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc)) from exc
     parse.__name__ = s.kind
     return parse
 

@@ -68,3 +68,10 @@ class ArchiveError(StreamerError):
 
 class DatabaseError(StreamerError):
     """The database cannot be reached, opened or written."""
+
+
+class TestbedError(Exception):
+    """A test-bed command failed, timed out, or a check did not hold (the
+    demo's and the tests' namespaces and traffic; not a StreamerError)."""
+
+    __test__ = False  # not a pytest test class

@@ -66,8 +66,8 @@ def seconds(text) -> float:
             raise ValueError(f"expected a number of seconds, got {text!r}")
         try:
             value = float(m.group(1)) * _UNITS_S[m.group(2).lower()]
-        except ValueError:
-            raise ValueError(f"expected a number of seconds, got {text!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"expected a number of seconds, got {text!r}") from exc
     if not math.isfinite(value):
         raise ValueError(f"expected a number of seconds, got {text!r}")
     return value
@@ -87,8 +87,8 @@ def size(text) -> int:
         t = t[:-1]
     try:
         return int(t) * mult
-    except ValueError:
-        raise ValueError(f"expected a size like 4096, 64k or 4m, got {text!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"expected a size like 4096, 64k or 4m, got {text!r}") from exc
 
 
 def fractions(text) -> tuple[float, float]:
@@ -99,9 +99,9 @@ def fractions(text) -> tuple[float, float]:
             raise ValueError
         pct = any("%" in str(p) for p in parts)
         hi, lo = (float(str(p).strip().rstrip("%")) for p in parts)
-    except ValueError:
+    except ValueError as exc:
         raise ValueError(f"expected HIGH,LOW fractions like 0.9,0.8 (or 90%,80%), "
-                         f"got {text!r}") from None
+                         f"got {text!r}") from exc
     return (hi / 100, lo / 100) if pct else (hi, lo)
 
 
@@ -110,8 +110,8 @@ def integer(text) -> int:
         raise ValueError(f"expected an integer, got {text!r}")
     try:
         return int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected an integer, got {text!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"expected an integer, got {text!r}") from exc
 
 
 def connection_id(text) -> int:
@@ -424,7 +424,7 @@ def build(command: str, options: dict, config_file: str | None = None,
             try:
                 values[s.key] = s.parse(value, from_file=True)
             except ValueError as exc:
-                raise ConfigError(f"{at}: {canon}: {exc}") from None
+                raise ConfigError(f"{at}: {canon}: {exc}") from exc
             origins[s.name] = at
     for name, value in options.items():
         s = BY_NAME[name]

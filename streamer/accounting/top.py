@@ -98,8 +98,8 @@ def parse_duration(text: str) -> float | None:
     number = t[:-1] if mult else t
     try:
         value = float(number) * (mult or 1)
-    except ValueError:
-        raise ConfigError(f"expected a duration like 90s, 10m, 2h, 1d or all, got {text!r}") from None
+    except ValueError as exc:
+        raise ConfigError(f"expected a duration like 90s, 10m, 2h, 1d or all, got {text!r}") from exc
     # Bounded: a huge value (1e300s) overflowed the database's integers.
     if not 0 < value <= MAX_SINCE_S:
         raise ConfigError(f"expected a positive duration up to {MAX_SINCE_S // 86400} days "

@@ -109,9 +109,9 @@ def ifindex(ifname: str, ns: str | None = None) -> int:
     with netns.entered(ns):
         try:
             return socket.if_nametoindex(ifname)
-        except OSError:
+        except OSError as exc:
             where = f" in network namespace {ns}" if ns else ""
-            raise InterfaceError(f"no such interface: {ifname}{where}") from None
+            raise InterfaceError(f"no such interface: {ifname}{where}") from exc
 
 
 @dataclass
@@ -363,12 +363,12 @@ def acquire_lock(pin_dir: str):
     f = open(_state_file(pin_dir).with_suffix(".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as exc:
         f.seek(0)
         owner = f.read().strip() or "?"
         f.close()
         raise EnvironmentProblem(
-            f"another ctstream (pid {owner}) already owns {pin_dir}; stop it first") from None
+            f"another ctstream (pid {owner}) already owns {pin_dir}; stop it first") from exc
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))

@@ -63,10 +63,10 @@ class PinnedTable:
             path = os.path.join(self.pin_dir, name)
             try:
                 self._fds[name] = bpfsys.obj_get(path)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 raise NotAttachedError(
                     f"no ctstream datapath pinned at {self.pin_dir} "
-                    "(start `ctstream events` or `ctstream run` first)") from None
+                    "(start `ctstream events` or `ctstream run` first)") from exc
         return self._fds[name]
 
     def close(self) -> None:

@@ -232,7 +232,7 @@ class ArchiveWriter:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
             raise ArchiveError(f"the archive {self.directory} is written by another process "
-                               f"(lock {path} held)") from None
+                               f"(lock {path} held)") from exc
 
     def _recover_seq(self) -> int:
         """The seq after the last intact record of the newest segment; at

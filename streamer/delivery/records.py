@@ -67,8 +67,8 @@ def record_of(ev: Event, node_id: str) -> dict:
     """
     try:
         event_type = EVENT_TYPES[ev.type]
-    except KeyError:
-        raise WireError(f"event type {ev.type!r} has no wire record") from None
+    except KeyError as exc:
+        raise WireError(f"event type {ev.type!r} has no wire record") from exc
     proto = PROTOCOL_NUMBERS.get(ev.proto)
     if proto is None:
         proto = int(ev.proto)  # events.Event spells unknown protocols as their number
@@ -116,8 +116,8 @@ def record_of_raw(r: abi.RawEvent, clock: Clock, node_id: str) -> dict:
     record_of). Equal to record_of(Event.from_raw(r, clock), node_id)."""
     try:
         event_type = RAW_EVENT_TYPES[r.type]
-    except KeyError:
-        raise WireError(f"event type {r.type} has no wire record") from None
+    except KeyError as exc:
+        raise WireError(f"event type {r.type} has no wire record") from exc
     tcp = r.proto == 6
     wall = clock.wall_ns
     record = {

@@ -91,10 +91,10 @@ def parse_time(text: str, now: float, what: str = "time") -> int:
     else:
         try:
             when = datetime.datetime.fromisoformat(t)
-        except ValueError:
+        except ValueError as exc:
             raise ConfigError(f"{what} {text!r} is not a time: give ISO 8601 "
                               f"(2024-05-01T12:00:00Z), epoch seconds, 'now' or a relative "
-                              f"time like -10m") from None
+                              f"time like -10m") from exc
         ms = int(when.timestamp() * 1000)    # naive: local time, as timestamp() takes it
     # Nothing was archived before 1970; _iso() of a time before year 1
     # (-100000000d) raised a traceback instead of this line.

@@ -110,9 +110,9 @@ class StdoutSink(Sink):
             raise StreamerError("stdout is closed: nothing written since can be acked")
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
             self._broken()
-            raise StreamerError("stdout was closed by its reader") from None
+            raise StreamerError("stdout was closed by its reader") from exc
 
     def _broken(self) -> None:
         self.closed = True
@@ -130,7 +130,7 @@ class JsonlSink(Sink):
         try:
             self._f = open(path, "a", buffering=1 << 20, encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot open the sink file {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot open the sink file {path}: {exc.strerror}") from exc
         self.commits = 0
         self.torn_tail = _ends_torn(path)
         if self.torn_tail:
@@ -146,7 +146,7 @@ class JsonlSink(Sink):
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as exc:
-            raise StreamerError(f"writing {self.path} failed: {exc.strerror}") from None
+            raise StreamerError(f"writing {self.path} failed: {exc.strerror}") from exc
         self.commits += 1
 
     def close(self) -> None:

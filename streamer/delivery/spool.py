@@ -394,7 +394,7 @@ class Spool:
             holder = os.pread(self._lock_fd, 32, 0).decode("ascii", "replace").strip()
             raise SpoolError(f"the spool {self.directory} is already open "
                              f"(lock {path} held{' by pid ' + holder if holder else ''}); "
-                             f"only one process may use a spool directory") from None
+                             f"only one process may use a spool directory") from exc
         # Who holds it, for the message above; fixed width and written in
         # place, so that it needs no new disk block (a full disk must not
         # stop the spool from opening).
@@ -535,7 +535,7 @@ class Spool:
             try:
                 body = _BODY.pack(plen, len(key), off, time_ms) + key + value
             except struct.error as exc:
-                raise SpoolError(f"cannot spool a record with time_ms {time_ms!r}: {exc}") from None
+                raise SpoolError(f"cannot spool a record with time_ms {time_ms!r}: {exc}") from exc
             seg = self._active
             if seg is None or seg.sealed or (seg.bytes + flen > self.segment_bytes and seg.bytes):
                 seg = self._roll(off)

@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..errors import TestbedError
+
 __all__ = [
     "TestbedError",
     "Host",
@@ -94,12 +96,6 @@ _IPV6_SYSCTLS = (
     "net.ipv6.conf.default.accept_ra=0",
     "net.ipv6.conf.default.router_solicitations=0",
 )
-
-
-class TestbedError(Exception):
-    """A test-bed command failed, timed out, or a check did not hold."""
-
-    __test__ = False  # not a pytest test class
 
 
 def require_root() -> None:
@@ -615,8 +611,8 @@ def parse_conntrack_output(text: str) -> list[KernelFlow]:
         proto = toks[0]
         try:
             timeout = int(toks[2])
-        except ValueError:
-            raise ValueError(f"line {lineno}: bad timeout: {line!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"line {lineno}: bad timeout: {line!r}") from exc
         rest = toks[3:]
         state = None
         if rest and "=" not in rest[0] and not rest[0].startswith("["):
@@ -651,7 +647,7 @@ def parse_conntrack_output(text: str) -> list[KernelFlow]:
             else:
                 sport, dport = int(orig["sport"]), int(orig["dport"])
         except (KeyError, ValueError) as e:
-            raise ValueError(f"line {lineno}: cannot parse {line!r}: {e}") from None
+            raise ValueError(f"line {lineno}: cannot parse {line!r}: {e}") from e
         fam = 4 if src.version == 4 else 6
         if family is not None and family != fam:
             raise ValueError(f"line {lineno}: family/address mismatch: {line!r}")
@@ -1093,10 +1089,10 @@ class Pair:
             cp = self.client.run(argv, timeout=secs + 20, check=False)
             try:
                 res = json.loads(cp.stdout)
-            except ValueError:
+            except ValueError as exc:
                 raise TestbedError(
                     f"iperf3 client: rc={cp.returncode}, no JSON: {cp.stderr.strip()}"
-                ) from None
+                ) from exc
             if cp.returncode != 0 or "error" in res:
                 raise TestbedError(f"iperf3 client failed: {res.get('error', cp.stderr)}")
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1104,8 +1100,6 @@ class Pair:
             return res
         finally:
             _kill_proc(srv)
-
-
 
 
 # --------------------------------------------------------------------------
