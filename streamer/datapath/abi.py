@@ -3,13 +3,23 @@
 The C header is the truth. tests/bpf/test_abi.py compiles static assertions
 generated from the layouts below against it, and a round trip through a BPF
 program checks every field, so the two cannot drift apart unnoticed.
+
+struct ct_event is spelled once, as the table EVENT_FIELDS; its layout,
+RawEvent, decode_event and the daemon's one-step encoder
+(streamer/delivery/ring_records.py) are all derived from it at import.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import functools
+import itertools
+import keyword
+import linecache
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 ABI_VERSION = 2
 
@@ -95,14 +105,88 @@ ENTRY = Layout("ct_entry", (
     ("ct_id", "Q"), ("first_ns", "Q"), ("last_ns", "Q"),
     ("pkts", "2Q"), ("bytes", "2Q"), ("status_seq", "Q"), ("sched", "Q"),
 ))
-EVENT = Layout("ct_event", (
-    ("type", "B"), ("version", "B"), ("len", "H"), ("family", "B"), ("proto", "B"),
-    ("state", "B"), ("flags", "B"), ("ct_id", "Q"), ("seq", "I"), ("end_reason", "B"),
-    ("missed", "B"), ("tcp_flags_orig", "B"), ("tcp_flags_reply", "B"), ("ts_ns", "Q"),
-    ("first_ns", "Q"), ("last_ns", "Q"), ("pkts_orig", "Q"), ("pkts_reply", "Q"),
-    ("bytes_orig", "Q"), ("bytes_reply", "Q"), ("saddr", "16s"), ("daddr", "16s"),
-    ("sport", "H"), ("dport", "H"), ("vlan", "H"), ("dying", "B"), ("retries", "B"),
-))
+
+
+@dataclass(frozen=True)
+class EventField:
+    """One member of struct ct_event.
+
+    kind says what the decoders make of it: "int" is handed on as it is;
+    "header" is checked and not handed on (version, len); "port" is a
+    uint16 in network order, which RawEvent holds in host order and the
+    encoder copies as its two bytes; "addr" is 16 bytes, of which an IPv4
+    address uses the first 4. default is RawEvent's default for it: fields
+    added after code that builds RawEvents by keyword have one."""
+
+    name: str
+    code: str
+    kind: str = "int"
+    default: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("int", "header", "port", "addr"):
+            raise ValueError(f"ct_event.{self.name}: unknown kind {self.kind!r}")
+        if self.kind == "port" and self.code != "H":
+            raise ValueError(f"ct_event.{self.name}: a port is a uint16")
+
+    @property
+    def ring_code(self) -> str:
+        """Its struct code for the encoder, which keeps a port's bytes as stored."""
+        return "2s" if self.kind == "port" else self.code
+
+    @property
+    def local(self) -> str:
+        """Its name as a local of generated code (type_ and len_: not builtins)."""
+        clash = keyword.iskeyword(self.name) or hasattr(builtins, self.name)
+        return self.name + "_" if clash else self.name
+
+
+# struct ct_event, member by member in the header's order. A new field is a
+# line in bpf/ct_abi.h and a row here; then, if it goes on the wire, the
+# schema (schemas/) and the record's mapping (streamer/delivery/records.py,
+# streamer/delivery/ring_records.py _FIXED).
+EVENT_FIELDS = (
+    EventField("type", "B"),                  # CT_EV_*
+    EventField("version", "B", "header"),     # CT_ABI_VERSION
+    EventField("len", "H", "header"),         # sizeof(struct ct_event)
+    EventField("family", "B"),
+    EventField("proto", "B"),
+    EventField("state", "B"),
+    EventField("flags", "B"),
+    EventField("ct_id", "Q"),
+    EventField("seq", "I"),
+    EventField("end_reason", "B"),
+    EventField("missed", "B"),
+    EventField("tcp_flags_orig", "B"),
+    EventField("tcp_flags_reply", "B"),
+    EventField("ts_ns", "Q"),
+    EventField("first_ns", "Q"),
+    EventField("last_ns", "Q"),
+    EventField("pkts_orig", "Q"),
+    EventField("pkts_reply", "Q"),
+    EventField("bytes_orig", "Q"),
+    EventField("bytes_reply", "Q"),
+    EventField("saddr", "16s", "addr"),
+    EventField("daddr", "16s", "addr"),
+    EventField("sport", "H", "port"),
+    EventField("dport", "H", "port"),
+    EventField("vlan", "H"),
+    EventField("dying", "B", default=0),
+    EventField("retries", "B", default=0),
+)
+
+
+def event_layout(fields: tuple[EventField, ...] = EVENT_FIELDS) -> Layout:
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise ValueError(f"ct_event fields named twice: {names}")
+    missing = {"type", "version", "len", "family"}.difference(names)
+    if missing:     # the decoders check these
+        raise ValueError(f"ct_event without {sorted(missing)}")
+    return Layout("ct_event", tuple((f.name, f.code) for f in fields))
+
+
+EVENT = event_layout()
 CONFIG = Layout("ct_config", (
     ("timeout_ns", f"{TO_MAX}Q"), ("report_interval_ns", "Q"), ("table_limit", "I"),
     ("flags", "I"), ("grace_ns", "Q"), ("early_low", "I"), ("ipv6_limit", "I"),
@@ -131,73 +215,131 @@ def _ntohs(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
 
 
-@dataclass(slots=True)
-class RawEvent:
-    """One ct_event as the kernel wrote it, fields decoded to Python ints and
-    bytes, ports in host order, addresses still packed."""
+# ---- code generated from EVENT_FIELDS ----------------------------------------
+#
+# The decoders unpack a record in one struct call straight into locals named
+# after the table (a positional unpack is the fastest Python has), so their
+# code is generated from the table, once, when this module is imported.
 
-    type: int
-    family: int
-    proto: int
-    state: int
-    flags: int
-    ct_id: int
-    seq: int
-    end_reason: int
-    missed: int
-    tcp_flags_orig: int
-    tcp_flags_reply: int
-    ts_ns: int
-    first_ns: int
-    last_ns: int
-    pkts_orig: int
-    pkts_reply: int
-    bytes_orig: int
-    bytes_reply: int
-    saddr: bytes
-    daddr: bytes
-    sport: int
-    dport: int
-    vlan: int
-    dying: int = 0
-    retries: int = 0
-
-    def outbox_key(self) -> bytes:
-        """The key of this DESTROY's outbox copy (what an ack names)."""
-        return (_KEY4 if self.family == 4 else _KEY6).pack(
-            self.saddr, self.daddr, _ntohs(self.sport), _ntohs(self.dport), self.proto,
-            self.dying, self.vlan)
+_generated = itertools.count()
 
 
-def decode_event(buf) -> RawEvent:
+def compile_function(source: str, name: str, namespace: dict,
+                     fields: tuple[EventField, ...] = (), own=()) -> Callable:
+    """Define `name` from generated `source`, with `namespace` as its
+    globals. A field may not take the name of a global or of one of the
+    `own` names the template uses for itself. The source goes into
+    linecache: tracebacks and inspect show it."""
+    clash = {f.local for f in fields} & (set(namespace) | set(own))
+    if clash:
+        raise ValueError(f"ct_event fields named as the generated {name}'s names: {clash}")
+    filename = f"<ctstream generated {name} #{next(_generated)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[name]
+
+
+def listing(items, indent: int, width: int = 96) -> str:
+    """Comma-separated items in parentheses for generated code, lines broken
+    between items; the parenthesis stands at column `indent`."""
+    lines, line = [], ""
+    for item in items:
+        if line and indent + 1 + len(line) + len(item) + 2 > width:
+            lines.append(line + ",")
+            line = ""
+        line = f"{line}, {item}" if line else item
+    lines.append(line)
+    return "(" + ("\n" + " " * (indent + 1)).join(lines) + ")"
+
+
+def unpack_targets(fields: tuple[EventField, ...] = EVENT_FIELDS, indent: int = 4) -> str:
+    """The target list of a positional unpack of the whole event, in the
+    table's order, each field by its .local name."""
+    return listing([f.local for f in fields], indent)
+
+
+def _outbox_key(self) -> bytes:
+    """The key of this DESTROY's outbox copy (what an ack names)."""
+    return (_KEY4 if self.family == 4 else _KEY6).pack(
+        self.saddr, self.daddr, _ntohs(self.sport), _ntohs(self.dport), self.proto,
+        self.dying, self.vlan)
+
+
+def raw_event_class(fields: tuple[EventField, ...] = EVENT_FIELDS) -> type:
+    """RawEvent of a table: its fields but the header's, in the table's order."""
+    spec = []
+    for f in fields:
+        if f.kind == "header":
+            continue
+        kind = bytes if f.code.endswith("s") else int
+        spec.append((f.name, kind) if f.default is None
+                    else (f.name, kind, dataclasses.field(default=f.default)))
+    cls = dataclasses.make_dataclass("RawEvent", spec, slots=True, namespace={
+        "__doc__": "One ct_event as the kernel wrote it, fields decoded to Python ints "
+                   "and bytes, ports in host order, addresses still packed (4 bytes for "
+                   "IPv4). Its fields are abi.EVENT_FIELDS' but version and len.",
+        "outbox_key": _outbox_key})
+    cls.__module__ = __name__
+    return cls
+
+
+RawEvent = raw_event_class()
+
+_DECODE_EVENT = '''\
+def decode_event(buf):
     """Decode one ring record; reject what this version does not know."""
-    if len(buf) < 4:
-        raise _abi_error(f"event record of {len(buf)} bytes is too short")
-    (etype, version, length, family, proto, state, flags, ct_id, seq, end_reason,
-     missed, tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br, saddr, daddr,
-     sport, dport, vlan, dying, retries) = _EVENT.unpack_from(buf) if len(buf) >= EVENT_SIZE else _short(buf)
-    if version != ABI_VERSION:
-        raise _abi_error(f"event ABI version {version}, this ctstream knows {ABI_VERSION}")
-    if length != EVENT_SIZE:
-        raise _abi_error(f"event length {length}, ABI {ABI_VERSION} has {EVENT_SIZE}")
-    if etype not in EVENT_NAMES:
-        raise _abi_error(f"unknown event type {etype}")
-    if family not in (4, 6):
-        raise _abi_error(f"unknown address family {family}")
+    if len(buf) < EVENT_SIZE:
+        raise _short(buf, EVENT_SIZE)
+    {targets} = unpack_from(buf)
+    if version != ABI_VERSION or len_ != EVENT_SIZE or type_ not in EVENT_NAMES \\
+            or family not in (4, 6):
+        raise _rejected(version, len_, type_, family, EVENT_SIZE)
     alen = 4 if family == 4 else 16
-    return RawEvent(etype, family, proto, state, flags, ct_id, seq, end_reason, missed,
-                    tfo, tfr, ts_ns, first_ns, last_ns, po, pr, bo, br,
-                    saddr[:alen], daddr[:alen], _ntohs(sport), _ntohs(dport), vlan,
-                    dying, retries)
+    return RawEvent{args}
+'''
+_DECODED = {"int": "{}", "port": "_ntohs({})", "addr": "{}[:alen]"}
 
 
-def _short(buf):
-    raise _abi_error(f"event record of {len(buf)} bytes, expected {EVENT_SIZE}")
+def event_decoder(fields: tuple[EventField, ...] = EVENT_FIELDS,
+                  raw_class: type | None = None) -> Callable:
+    """decode_event of a table (and its RawEvent)."""
+    layout = event_layout(fields)
+    args = listing([_DECODED[f.kind].format(f.local) for f in fields if f.kind != "header"],
+                   4 + len("return RawEvent"))
+    source = _DECODE_EVENT.format(targets=unpack_targets(fields), args=args)
+    namespace = {
+        "unpack_from": struct.Struct(layout.fmt).unpack_from, "EVENT_SIZE": layout.size,
+        "ABI_VERSION": ABI_VERSION, "EVENT_NAMES": EVENT_NAMES, "_ntohs": _ntohs,
+        "RawEvent": raw_class or raw_event_class(fields), "_short": _short,
+        "_rejected": _rejected, "__name__": __name__,
+    }
+    return compile_function(source, "decode_event", namespace, fields, own=("buf", "alen"))
+
+
+def _short(buf, size: int):
+    if len(buf) < 4:
+        return _abi_error(f"event record of {len(buf)} bytes is too short")
+    return _abi_error(f"event record of {len(buf)} bytes, expected {size}")
+
+
+def _rejected(version: int, length: int, etype: int, family: int, size: int):
+    """The error for a record whose header this version does not know, the
+    first check that fails in this order."""
+    if version != ABI_VERSION:
+        return _abi_error(f"event ABI version {version}, this ctstream knows {ABI_VERSION}")
+    if length != size:
+        return _abi_error(f"event length {length}, ABI {ABI_VERSION} has {size}")
+    if etype not in EVENT_NAMES:
+        return _abi_error(f"unknown event type {etype}")
+    return _abi_error(f"unknown address family {family}")
 
 
 def _abi_error(msg: str):
     from ..errors import AbiError
     return AbiError(msg)
+
+
+decode_event = event_decoder(EVENT_FIELDS, RawEvent)
 
 
 def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: int,
