@@ -190,7 +190,9 @@ def _dispatch(a: argparse.Namespace) -> int:
             from .accounting.command import account_main
             return account_main(cfg)
         from .delivery.replay import main as replay_main
-        return replay_main(cfg)
+        return replay_main(cfg, lambda: settings.kafka_settings(
+            cfg.values, client_id="ctstream-replay", compression=cfg.kafka_compression,
+            **settings.send_timeouts(cfg.kafka_timeout)))
     if a.cmd == "status":
         return _status(a)
     if a.cmd == "list":
@@ -265,7 +267,7 @@ def _observe_parts(cfg: Config, sink) -> list:
     """The MQTT publisher and the metrics server the settings ask for; the
     metrics socket is bound here, before the datapath is touched."""
     parts = []
-    node = getattr(sink, "node_id", None) or cfg.node_id
+    node = getattr(sink, "node_id", None) or cfg.node_or_host
     if cfg.mqtt_config.broker:
         from .observe.mqtt_status import MqttSettings, MqttStatus
 

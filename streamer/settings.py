@@ -399,7 +399,8 @@ class Config:
         return bool(self.values.get("keep")) and not self.values.get("detach_on_stop")
 
     @property
-    def node_id(self) -> str:
+    def node_or_host(self) -> str:
+        """node-id if given, else the host name."""
         return self.values.get("node_id") or socket.gethostname()
 
 
