@@ -43,7 +43,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from ..errors import ConfigError, KafkaUnavailable, StreamerError
-from ..delivery.kafka_settings import KafkaSettings, why_unreachable
+from ..delivery.kafka_settings import KafkaSettings, connect_until
 from . import ledger
 from .db import Database, open_database, parse_url
 
@@ -53,7 +53,6 @@ DEFAULT_GROUP = "ctstream-account"
 # Records per transaction at most (aiokafka's max_records of one getmany).
 BATCH_RECORDS = 5000
 POLL_MS = 500
-CONNECT_BACKOFF_S = 0.5
 TOPIC_GRACE_S = 2.0
 
 
@@ -307,11 +306,10 @@ def _as_streamer_error(exc: BaseException) -> BaseException:
 async def _start_consumer(settings: KafkaSettings, group: str, timeout_s: float,
                           session_timeout_s: float) -> aiokafka.AIOKafkaConsumer:
     ctx = settings.ssl_context()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
     session_ms = int(session_timeout_s * 1000)
-    while True:
-        consumer = aiokafka.AIOKafkaConsumer(
+
+    def new_consumer() -> aiokafka.AIOKafkaConsumer:
+        return aiokafka.AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-account",
             group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_ms, heartbeat_interval_ms=max(500, session_ms // 6),
@@ -320,21 +318,13 @@ async def _start_consumer(settings: KafkaSettings, group: str, timeout_s: float,
             security_protocol=settings.security_protocol, ssl_context=ctx,
             sasl_mechanism=settings.sasl_mechanism or "PLAIN",
             sasl_plain_username=settings.sasl_username, sasl_plain_password=settings.sasl_password)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await consumer.start()
-                await _check_topic(consumer, settings, deadline)
-            return consumer
-        except (KafkaError, OSError, TimeoutError) as exc:
-            await _stop_quietly(consumer)
-            if loop.time() + CONNECT_BACKOFF_S >= deadline:
-                why = await why_unreachable(settings, exc)
-                raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap} within "
-                                       f"{timeout_s:g}s: {why}") from exc
-            await asyncio.sleep(CONNECT_BACKOFF_S)
-        except BaseException:
-            await _stop_quietly(consumer)
-            raise
+
+    async def start(consumer, deadline: float) -> None:
+        await consumer.start()
+        await _check_topic(consumer, settings, deadline)
+
+    consumer, _ = await connect_until(settings, timeout_s, new_consumer, start, _stop_quietly)
+    return consumer
 
 
 async def _check_topic(consumer, settings: KafkaSettings, deadline: float) -> None:

@@ -115,6 +115,20 @@ def _hide_password(url: str) -> str:
 
 # ---- schema ----------------------------------------------------------------------
 
+# A flow's key and counters, as finished flows and open ones keep them (the
+# order of ledger._flow_fields).
+_FLOW_FIELDS = """family INTEGER NOT NULL,
+        protocol INTEGER NOT NULL,
+        src TEXT NOT NULL,
+        dst TEXT NOT NULL,
+        sport INTEGER NOT NULL,
+        dport INTEGER NOT NULL,
+        vlan INTEGER NOT NULL,
+        packets_orig BIGINT NOT NULL,
+        packets_reply BIGINT NOT NULL,
+        bytes_orig BIGINT NOT NULL,
+        bytes_reply BIGINT NOT NULL,"""
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS ctstream_meta (
         name TEXT PRIMARY KEY,
@@ -134,21 +148,11 @@ SCHEMA = [
         missed_events INTEGER NOT NULL,
         observed_ms BIGINT,
         PRIMARY KEY (node_id, ct_id, seq))""",
-    """CREATE TABLE IF NOT EXISTS flows (
+    f"""CREATE TABLE IF NOT EXISTS flows (
         node_id TEXT NOT NULL,
         ct_id BIGINT NOT NULL,
         seq BIGINT NOT NULL,
-        family INTEGER NOT NULL,
-        protocol INTEGER NOT NULL,
-        src TEXT NOT NULL,
-        dst TEXT NOT NULL,
-        sport INTEGER NOT NULL,
-        dport INTEGER NOT NULL,
-        vlan INTEGER NOT NULL,
-        packets_orig BIGINT NOT NULL,
-        packets_reply BIGINT NOT NULL,
-        bytes_orig BIGINT NOT NULL,
-        bytes_reply BIGINT NOT NULL,
+        {_FLOW_FIELDS}
         start_ms BIGINT NOT NULL,
         end_ms BIGINT NOT NULL,
         end_reason INTEGER NOT NULL,
@@ -172,23 +176,13 @@ SCHEMA = [
         bytes_orig BIGINT NOT NULL,
         bytes_reply BIGINT NOT NULL,
         PRIMARY KEY (minute_ms, node_id, src, dst, protocol, dport))""",
-    """CREATE TABLE IF NOT EXISTS open_flows (
+    f"""CREATE TABLE IF NOT EXISTS open_flows (
         node_id TEXT NOT NULL,
         ct_id BIGINT NOT NULL,
         last_seq BIGINT NOT NULL,
         last_type TEXT NOT NULL,
         snapshot_seq BIGINT,
-        family INTEGER NOT NULL,
-        protocol INTEGER NOT NULL,
-        src TEXT NOT NULL,
-        dst TEXT NOT NULL,
-        sport INTEGER NOT NULL,
-        dport INTEGER NOT NULL,
-        vlan INTEGER NOT NULL,
-        packets_orig BIGINT NOT NULL,
-        packets_reply BIGINT NOT NULL,
-        bytes_orig BIGINT NOT NULL,
-        bytes_reply BIGINT NOT NULL,
+        {_FLOW_FIELDS}
         start_ms BIGINT NOT NULL,
         last_ms BIGINT NOT NULL,
         observed_ms BIGINT NOT NULL,

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 from . import abi
 from . import bpfsys
@@ -83,8 +84,14 @@ class PinnedTable:
     def entries(self, dying: bool = False) -> list[Entry]:
         """Live connections, or (dying=True) the outbox: ended connections whose
         DESTROY awaits an ack."""
-        now = _monotonic_ns()
-        out = []
+        return [e for e, _value in self.walk() if e.dying == dying]
+
+    def walk(self, now_ns: int | None = None) -> Iterator[tuple[Entry, tuple]]:
+        """Every entry of both tables, live and in the outbox, once each
+        (the kernel may restart a walk under deletes), as of `now_ns`
+        (monotonic): (Entry, the raw entry value's fields). An entry being
+        ended this moment, or gone before it was read, is left out."""
+        now = _monotonic_ns() if now_ns is None else now_ns
         for family, kstruct in ((4, _KEY4), (6, _KEY6)):
             fd = self.fd(f"ct{family}")
             seen = set()
@@ -92,13 +99,13 @@ class PinnedTable:
                 if key in seen:
                     continue
                 seen.add(key)
-                val = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
-                if val is None:
+                raw = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
+                if raw is None:
                     continue  # expired while we walked
-                e = _decode(family, kstruct.unpack(key), _ENTRY.unpack(val), now)
-                if e is not None and e.dying == dying:
-                    out.append(e)
-        return out
+                value = _ENTRY.unpack(raw)
+                e = _decode(family, kstruct.unpack(key), value, now)
+                if e is not None:
+                    yield e, value
 
     def stats(self) -> dict:
         return read_counters(self.fd("ct_stats"), self.fd("ct_global"))

@@ -45,8 +45,8 @@ roll and every PRUNE_EVERY_S. The archive thus stays within max_bytes (a
 single write larger than a segment gets a segment of its own and may exceed
 it); segments are about max_bytes/8, so it keeps at least 7/8 of that.
 
-A frame holds the records of one write, little-endian, the same 32-byte
-header layout as the spool's frames (streamer/delivery/spool.py) with its own magic:
+A frame holds the records of one write, in the layout that the spool's
+frames have too (streamer/delivery/frames.py), with its own magic:
 
     magic "\\xc7CSa" | crc32 u32 | payload length u32 | records u32 |
     first seq u64 | written_ms i64 | payload
@@ -73,10 +73,8 @@ import collections
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import re
-import struct
 import threading
 import time
 import zlib
@@ -86,15 +84,12 @@ import cramjam
 import msgpack
 
 from ..errors import ArchiveError, ConfigError
-from .spool import HEADER as FRAME_HEADER
+from .frames import BODY as _BODY, HEADER_BYTES, PREFIX as _PREFIX
+from .frames import FrameFormat, mapped
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"\xc7CSa"
-_PREFIX = struct.Struct("<4sI")                 # magic, crc
-_BODY = struct.Struct("<IIQq")                  # payload length, records, first seq, written_ms
-HEADER_BYTES = FRAME_HEADER.size                # 32, as in the spool
-MAX_PAYLOAD = 64 << 20
 ZSTD_LEVEL = 1
 FRAME_RECORDS = 8192                            # records per frame at most
 MIN_SEGMENT_BYTES = 4096
@@ -104,8 +99,10 @@ CLOCK_SLACK_MS = 600_000                        # how far the wall clock may ste
 DROP_LOG_S = 60.0
 DEFAULT_SPOOL_ROOT = "/var/lib/ctstream/spool"
 _SEGMENT_NAME = re.compile(r"arc-(\d{20})\.log")
-
-assert _PREFIX.size + _BODY.size == HEADER_BYTES == 32
+# The payload is a batch of records, the count how many, the number the first
+# one's seq; a frame takes the seqs from there to the last record's.
+_FRAMES = FrameFormat(MAGIC, "seq", "bad header (payload {plen} bytes, {count} records)",
+                      min_count=1, counts_numbers=True)
 
 
 def default_spool_dir(pin_dir: str) -> str:
@@ -489,65 +486,15 @@ class ArchiveWriter:
 
 # ---------------------------------------------------------------- reading
 
-def _frame_at(data, i: int, size: int, after: int):
-    """(end, seq, records, written_ms) of the valid frame at data[i:size],
-    else the reason it is not one. A valid frame's first seq is above after."""
-    if size - i < HEADER_BYTES:
-        return "truncated header"
-    magic, crc, plen, count, seq, written = FRAME_HEADER.unpack_from(data, i)
-    if magic != MAGIC:
-        return "bad magic"
-    if plen > MAX_PAYLOAD or count > plen or count == 0:
-        return f"bad header (payload {plen} bytes, {count} records)"
-    end = i + HEADER_BYTES + plen
-    if end > size:
-        return "truncated frame"
-    with memoryview(data) as mv:
-        if zlib.crc32(mv[i + 8:end]) != crc:
-            return "bad checksum"
-    if seq <= after:
-        return f"seq {seq} out of order"
-    return end, seq, count, written
-
-
-def _frames(data, size: int, after: int, pos: int = 0) -> Iterator[tuple]:
-    """From byte pos of a segment's bytes (seqs up to `after` before it):
-    ("frame", pos, end, seq, records, written_ms) for each valid frame,
-    ("bad", start, end, why) for each region between them."""
-    while pos < size:
-        got = _frame_at(data, pos, size, after)
-        if type(got) is tuple:
-            end, seq, count, written = got
-            yield ("frame", pos, end, seq, count, written)
-            pos, after = end, seq + count - 1
-            continue
-        nxt = data.find(MAGIC, pos + 1, size)
-        while nxt != -1 and type(_frame_at(data, nxt, size, after)) is not tuple:
-            nxt = data.find(MAGIC, nxt + 1, size)
-        yield ("bad", pos, size if nxt == -1 else nxt, got)
-        if nxt == -1:
-            return
-        pos = nxt
-
-
-def _map(fd: int):
-    size = os.fstat(fd).st_size
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
-
-
 def _file_frames(path: str, first: int) -> Iterator[tuple]:
-    """_frames of a whole file as it is now (for the writer's recovery)."""
+    """The frames of a whole file as it is now (for the writer's recovery)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     try:
-        data = _map(fd)
-        try:
-            yield from _frames(data, len(data), first - 1)
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
+        with mapped(fd) as data:
+            yield from _FRAMES.scan(data, len(data), first - 1)
     finally:
         os.close(fd)
 
@@ -612,13 +559,9 @@ class ArchiveReader:
         try:
             pos, after = 0, first - 1
             for _ in range(MAX_REMAPS + 1):
-                data = _map(fd)
-                size = len(data)
-                try:
+                with mapped(fd) as data:
+                    size = len(data)
                     pos, after, tail = yield from self._walk(data, path, pos, after)
-                finally:
-                    if isinstance(data, mmap.mmap):
-                        data.close()
                 # A frame cut short may be one being written: map again if
                 # the file grew meanwhile.
                 if tail is None or os.fstat(fd).st_size <= size:
@@ -634,7 +577,7 @@ class ArchiveReader:
         size = len(data)
         lo, hi = self.from_ms, self.to_ms
         old = lo - CLOCK_SLACK_MS
-        for item in _frames(data, size, after, pos):
+        for item in _FRAMES.scan(data, size, after, pos=pos):
             if item[0] == "bad":
                 _, start, end, why = item
                 if end == size and why in ("truncated header", "truncated frame"):

@@ -1,8 +1,8 @@
 """The Kafka connection settings that the daemon's producer, replay and the
 accounting consumer share: bootstrap servers and topic, compression,
-timeouts, TLS and SASL, validated (TLS files are loaded); and why a client
-could not connect, in words. Lives apart from the producer so that a
-consumer needs no producer to get it."""
+timeouts, TLS and SASL, validated (TLS files are loaded); how a client
+connects (attempts until a deadline) and why it could not, in words. Lives
+apart from the producer so that a consumer needs no producer to get it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
 
 from aiokafka import codec as kafka_codec
+from aiokafka.errors import KafkaError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KafkaUnavailable
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -36,6 +38,8 @@ _SETTING_OF = {
     "sasl_password": "kafka-sasl-password-file", "request_timeout_ms": "kafka-timeout",
     "delivery_timeout_ms": "kafka-timeout",
 }
+# Between failed attempts to bootstrap a client (connect_until).
+CONNECT_BACKOFF_S = 0.5
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
 
@@ -219,3 +223,37 @@ async def why_unreachable(settings: KafkaSettings, exc: BaseException) -> str:
                 f"(security_protocol {settings.security_protocol}: check TLS/SASL settings)")
     return (f"the TCP connection works but Kafka refused the client ({exc!r}); "
             f"check security_protocol {settings.security_protocol} and TLS/SASL settings")
+
+
+Client = TypeVar("Client")
+Started = TypeVar("Started")
+
+
+async def connect_until(settings: KafkaSettings, timeout_s: float,
+                        new_client: Callable[[], Client],
+                        start: Callable[[Client, float], Awaitable[Started]],
+                        close: Callable[[Client], Awaitable[None]]) -> tuple[Client, Started]:
+    """Make a client and start it (`start(client, deadline)`, on the event
+    loop's clock) until that works, a fresh client each time, CONNECT_BACKOFF_S
+    apart; KafkaUnavailable, with why_unreachable's reason, when `timeout_s`
+    has passed. A client that failed is closed (`close`) first, whatever
+    the error; errors that are not about reaching Kafka pass at once.
+    Returns the client and what `start` returned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        client = new_client()
+        try:
+            async with asyncio.timeout_at(deadline):
+                started = await start(client, deadline)
+            return client, started
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await close(client)
+            if loop.time() + CONNECT_BACKOFF_S >= deadline:
+                why = await why_unreachable(settings, exc)
+                raise KafkaUnavailable(f"cannot reach Kafka at {settings.bootstrap} "
+                                       f"within {timeout_s:g}s: {why}") from exc
+            await asyncio.sleep(CONNECT_BACKOFF_S)
+        except BaseException:
+            await close(client)
+            raise

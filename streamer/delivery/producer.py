@@ -50,15 +50,13 @@ from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from . import wire
 from ..errors import ConfigError, KafkaUnavailable, StreamerError
-from .kafka_settings import KafkaSettings, why_unreachable
+from .kafka_settings import KafkaSettings, connect_until
 
 log = logging.getLogger(__name__)
 
 # How long start() keeps asking for a topic's metadata before it says the
 # topic does not exist (a topic created a moment ago may need a refresh).
 TOPIC_GRACE_S = 2.0
-# Between failed attempts to bootstrap in start().
-CONNECT_BACKOFF_S = 0.5
 # How long tearing down a failed aiokafka client may take.
 ABORT_TIMEOUT_S = 5.0
 ACK_LATENCY_SAMPLES = 4096
@@ -227,25 +225,9 @@ class Producer:
             if self._session is not None and not self._session.aborting:
                 await self._abort(self._session)   # failed: finish tearing it down
             ctx = self.settings.ssl_context()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout_s
-            while True:
-                kafka = self._new_client(ctx)
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await kafka.start()
-                        partitions = await self._topic_partitions(kafka, deadline)
-                    break
-                except (KafkaError, OSError, TimeoutError) as exc:
-                    await _close_client(kafka)
-                    if loop.time() + CONNECT_BACKOFF_S >= deadline:
-                        why = await self._why_unreachable(exc)
-                        raise KafkaUnavailable(f"cannot reach Kafka at {self.settings.bootstrap} "
-                                               f"within {timeout_s:g}s: {why}") from exc
-                    await asyncio.sleep(CONNECT_BACKOFF_S)
-                except BaseException:
-                    await _close_client(kafka)
-                    raise
+            kafka, partitions = await connect_until(
+                self.settings, timeout_s, lambda: self._new_client(ctx), self._start_client,
+                _close_client)
             session = self._session = _Session(kafka, partitions)
             for p in partitions:
                 task = asyncio.create_task(self._pump(session, p), name=f"ctstream-kafka-p{p}")
@@ -265,6 +247,11 @@ class Producer:
             security_protocol=s.security_protocol, ssl_context=ctx,
             sasl_mechanism=s.sasl_mechanism or "PLAIN",
             sasl_plain_username=s.sasl_username, sasl_plain_password=s.sasl_password)
+
+    async def _start_client(self, kafka: aiokafka.AIOKafkaProducer, deadline: float) -> list[int]:
+        """Start a new client; the topic's partitions."""
+        await kafka.start()
+        return await self._topic_partitions(kafka, deadline)
 
     async def _topic_partitions(self, kafka: aiokafka.AIOKafkaProducer, deadline: float) -> list[int]:
         # With auto-create off the broker answers "unknown topic" at once;
@@ -286,9 +273,6 @@ class Producer:
                     f"topic {topic} does not exist on {self.settings.bootstrap} (auto-create "
                     f"is off): create it, e.g. scripts/kafka.sh topic create {topic}")
             await asyncio.sleep(0.1)
-
-    async def _why_unreachable(self, exc: BaseException) -> str:
-        return await why_unreachable(self.settings, exc)
 
     # ---- send -----------------------------------------------------------------
     async def send(self, records: list[tuple]) -> None:

@@ -273,8 +273,6 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
     `ctstream list` shows it (the seq its next event will carry); the times
     and TCP flags come from the entry itself."""
     from ..datapath import abi
-    from ..datapath import bpfsys
-    from ..datapath import table as tables
     from ..datapath.events import Clock, Event
     from .records import message_key, record_of
     from .wire import encode
@@ -283,35 +281,24 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
     now_ns = time.monotonic_ns()
     now_ms = clock.wall_ns(now_ns) // 1_000_000
     out = []
-    for family, kstruct in ((4, tables._KEY4), (6, tables._KEY6)):
-        fd = table.fd(f"ct{family}")
-        seen = set()
-        for key in bpfsys.map_keys(fd, kstruct.size):
-            if key in seen:
-                continue
-            seen.add(key)
-            raw = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
-            if raw is None:
-                continue            # ended while we walked
-            value = tables._ENTRY.unpack(raw)
-            e = tables._decode(family, kstruct.unpack(key), value, now_ns)
-            if e is None or e.dying:
-                continue
-            _ct_id, first_ns, last_ns, *_counters, status_seq, _sched = value
-            tcp = e.proto == "tcp"
-            ev = Event(
-                type="SNAPSHOT", family=family, proto=e.proto, src=e.src, dst=e.dst,
-                sport=e.sport, dport=e.dport, vlan=e.vlan, state=e.state, assured=e.assured,
-                ct_id=e.ct_id, seq=e.seq, packets_orig=e.packets_orig,
-                packets_reply=e.packets_reply, bytes_orig=e.bytes_orig,
-                bytes_reply=e.bytes_reply, time_ms=now_ms,
-                first_ms=clock.wall_ns(first_ns) // 1_000_000,
-                last_ms=clock.wall_ns(last_ns & ~abi.LAST_FLAGS) // 1_000_000,
-                end_reason=None, missed=0, retries=0,
-                tcp_flags_orig=(status_seq >> 16) & 0xFF if tcp else 0,
-                tcp_flags_reply=(status_seq >> 24) & 0xFF if tcp else 0)
-            rec = record_of(ev, node_id)
-            out.append((message_key(rec), encode(rec)))
+    for e, value in table.walk(now_ns):
+        if e.dying:
+            continue
+        _ct_id, first_ns, last_ns, *_counters, status_seq, _sched = value
+        tcp = e.proto == "tcp"
+        ev = Event(
+            type="SNAPSHOT", family=e.family, proto=e.proto, src=e.src, dst=e.dst,
+            sport=e.sport, dport=e.dport, vlan=e.vlan, state=e.state, assured=e.assured,
+            ct_id=e.ct_id, seq=e.seq, packets_orig=e.packets_orig,
+            packets_reply=e.packets_reply, bytes_orig=e.bytes_orig,
+            bytes_reply=e.bytes_reply, time_ms=now_ms,
+            first_ms=clock.wall_ns(first_ns) // 1_000_000,
+            last_ms=clock.wall_ns(last_ns & ~abi.LAST_FLAGS) // 1_000_000,
+            end_reason=None, missed=0, retries=0,
+            tcp_flags_orig=(status_seq >> 16) & 0xFF if tcp else 0,
+            tcp_flags_reply=(status_seq >> 24) & 0xFF if tcp else 0)
+        rec = record_of(ev, node_id)
+        out.append((message_key(rec), encode(rec)))
     return out
 
 

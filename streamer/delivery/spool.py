@@ -14,7 +14,7 @@ flock'ed for as long as the spool is open):
 - `cursor`: the delivered cursor, the highest offset Kafka acked with every
   lower one. Replaced by write + fsync + rename + fsync of the directory.
 
-A record is one frame, little-endian:
+A record is one frame (streamer/delivery/frames.py), little-endian:
 
     magic "\\xc7CSp" | crc32 u32 | payload length u32 | key length u32 |
     offset u64 | time_ms i64 | key | value
@@ -81,7 +81,6 @@ import bisect
 import contextlib
 import errno
 import fcntl
-import mmap
 import os
 import re
 import struct
@@ -91,13 +90,10 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, SpoolError, SpoolFull, SpoolUnwritable, SpoolWriteError
+from .frames import BODY as _BODY, HEADER, HEADER_BYTES, MAX_PAYLOAD, PREFIX as _PREFIX
+from .frames import FrameFormat, mapped
 
 MAGIC = b"\xc7CSp"
-HEADER = struct.Struct("<4sIIIQq")   # magic, crc, payload len, key len, offset, time_ms
-_PREFIX = struct.Struct("<4sI")      # magic, crc
-_BODY = struct.Struct("<IIQq")       # what the CRC starts with
-HEADER_BYTES = HEADER.size           # 32
-MAX_PAYLOAD = 64 << 20               # a longer length field is garbage, not a record
 INDEX_STRIDE = 64 << 10              # one sparse index entry per this many segment bytes
 READ_CHUNK = 256 << 10
 MIN_SEGMENT_BYTES = 256
@@ -108,8 +104,6 @@ RESERVE_BYTES = 64 << 10             # given up so that a cursor can be written 
 RESERVE_NAME = "reserve"
 _SEGMENT_NAME = re.compile(r"seg-(\d{20})\.spool")
 _HINTS_KEPT = 64
-
-assert HEADER_BYTES == 32 and _PREFIX.size + _BODY.size == HEADER_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,35 +134,9 @@ def segment_name(first: int) -> str:
 
 # ---------------------------------------------------------------- frames
 
-def _frame_at(data, i: int, size: int, after: int, below: int | None):
-    """(end, offset, time_ms) of the valid frame at data[i:size], else the
-    reason it is not one. A valid frame's offset lies in (after, below)."""
-    if size - i < HEADER_BYTES:
-        return "truncated header"
-    magic, crc, plen, klen, off, t = HEADER.unpack_from(data, i)
-    if magic != MAGIC:
-        return "bad magic"
-    if plen > MAX_PAYLOAD or klen > plen:
-        return f"bad header (lengths {plen}/{klen})"
-    end = i + HEADER_BYTES + plen
-    if end > size:
-        return "truncated frame"
-    with memoryview(data) as mv:
-        if zlib.crc32(mv[i + 8:end]) != crc:
-            return "bad checksum"
-    if off <= after or (below is not None and off >= below):
-        return f"offset {off} out of order"
-    return end, off, t
-
-
-def _resync(data, i: int, size: int, after: int, below: int | None) -> int | None:
-    """Where the next valid frame starts after position i, if anywhere."""
-    j = data.find(MAGIC, i + 1, size)
-    while j != -1:
-        if type(_frame_at(data, j, size, after, below)) is tuple:
-            return j
-        j = data.find(MAGIC, j + 1, size)
-    return None
+# One record a frame: the payload is its key and value, the count the key's
+# length, the number the record's offset.
+_FRAMES = FrameFormat(MAGIC, "offset", "bad header (lengths {plen}/{count})")
 
 
 def _torn_frames(data, i: int, size: int) -> int:
@@ -178,41 +146,21 @@ def _torn_frames(data, i: int, size: int) -> int:
         if size - i < HEADER_BYTES:
             return n + MAGIC.startswith(bytes(data[i:min(i + 4, size)]))
         magic, _crc, plen, klen, _off, _t = HEADER.unpack_from(data, i)
-        if magic != MAGIC or plen > MAX_PAYLOAD or klen > plen:
+        if not _FRAMES.header_fits(magic, plen, klen):
             return n
         n += 1
         i += HEADER_BYTES + plen
     return n
 
 
-def _scan(data, size: int, first: int, below: int | None):
-    """Walk a segment's bytes up to `size`. Yields ("frame", pos, end, offset,
-    time_ms) for each valid frame, and ("bad", start, end, why, records,
-    next_offset) for each region that holds none; next_offset is None for a
-    bad tail."""
-    pos, after = 0, first - 1
-    while pos < size:
-        got = _frame_at(data, pos, size, after, below)
-        if type(got) is tuple:
-            end, off, t = got
-            yield ("frame", pos, end, off, t)
-            pos, after = end, off
-            continue
-        nxt = _resync(data, pos, size, after, below)
-        if nxt is None:
-            yield ("bad", pos, size, got, _torn_frames(data, pos, size), None)
-            return
-        off = HEADER.unpack_from(data, nxt)[4]
-        yield ("bad", pos, nxt, got, off - after - 1, off)
-        pos = nxt
-
-
-def _map(fd: int):
-    """The file's bytes, mapped read-only (b"" when empty)."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return b""
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+def _skipped(data, start: int, end: int, size: int, after: int) -> tuple[int, int | None]:
+    """How many records the bad region data[start:end] held (offsets up to
+    `after` before it), and the offset of the valid frame at its end (None
+    for a bad tail, one that ends at `size`)."""
+    if end == size:
+        return _torn_frames(data, start, size), None
+    nxt = HEADER.unpack_from(data, end)[4]
+    return nxt - after - 1, nxt
 
 
 def _segment_files(directory: str) -> tuple[list[tuple[int, str]], list[str]]:
@@ -451,12 +399,11 @@ class Spool:
             raise SpoolError(f"cannot open the spool segment {seg.path}: {exc.strerror}") from exc
         cut = None
         try:
-            data = _map(fd)
-            size = len(data)
-            try:
-                for item in _scan(data, size, first, below):
+            with mapped(fd) as data:
+                size = len(data)
+                for item in _FRAMES.scan(data, size, first - 1, below):
                     if item[0] == "frame":
-                        _, pos, end, off, _t = item
+                        _, pos, end, off, _klen, _t = item
                         if pos >= seg.next_index_at:
                             seg.add_index(off, pos, seg.records)
                         seg.records += 1
@@ -464,7 +411,8 @@ class Spool:
                         if off <= delivered:
                             seg.delivered_pos, seg.delivered_records = end, seg.records
                         continue
-                    _, start, end, why, lost, nxt = item
+                    _, start, end, why = item
+                    lost, nxt = _skipped(data, start, end, size, seg.last)
                     report.skipped_bytes += end - start
                     report.skipped_records += max(lost, 0)
                     if nxt is not None:
@@ -484,9 +432,6 @@ class Spool:
                         report.problems.append(
                             f"{seg.path}: byte {start}: {why}; the {end - start} bytes "
                             f"to the end of this older segment ({lost} records) skipped")
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
             if cut is not None:
                 os.ftruncate(fd, cut)
                 os.fsync(fd)
@@ -843,11 +788,12 @@ class Spool:
         the file changed under us. Skip to the next valid frame as recovery
         would, remember the hole and report it; returns where to go on."""
         data = os.pread(self._reader(seg), max(limit - start, 0), start)
-        nxt = _resync(data, 0, len(data), prev, None)
-        if nxt is None:
-            end, lost = start + len(data), max(_torn_frames(data, 0, len(data)), 1)
-        else:
-            end, lost = start + nxt, max(HEADER.unpack_from(data, nxt)[4] - prev - 1, 0)
+        size = len(data)
+        nxt = _FRAMES.resync(data, 0, size, prev)
+        stop = size if nxt is None else nxt
+        lost, resumed_at = _skipped(data, 0, stop, size, prev)
+        lost = max(lost, 1 if resumed_at is None else 0)
+        end = start + stop
         seg.holes[start] = end
         with self._lock:
             seg.records -= lost

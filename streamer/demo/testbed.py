@@ -201,11 +201,44 @@ def _finish(p: subprocess.Popen, timeout: float, what: str) -> dict:
 # --------------------------------------------------------------------------
 # helper scripts run inside the namespaces (stdlib only, bounded by timeouts)
 
-_PING_SCRIPT = r"""
-import json, select, socket, struct, sys, time
-fam, dst, count, interval, wait, ident, size = (int(sys.argv[1]), sys.argv[2],
-    int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]),
-    int(sys.argv[7]))
+# What every script starts with: its arguments by type, a socket of either
+# family, a listener that prints "ready" once it is bound (the caller waits
+# for that line), a bounded bulk send and a count of the bytes read to EOF.
+_SCRIPT_LIB = r"""
+import json, socket, sys
+def args(*types):
+    return [t(a) for t, a in zip(types, sys.argv[1:])]
+def family_socket(fam, kind):
+    return socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, kind)
+def listener(fam, addr, port, kind, timeout, backlog=None):
+    s = family_socket(fam, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    if backlog is not None:
+        s.listen(backlog)
+    s.settimeout(timeout)
+    print("ready", flush=True)
+    return s
+def send_bytes(s, n, fill):
+    chunk = fill * 65536
+    left = n
+    while left > 0:
+        k = min(left, len(chunk))
+        s.sendall(chunk[:k])
+        left -= k
+def recv_to_eof(s):
+    n = 0
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        n += len(b)
+    return n
+"""
+
+_PING_SCRIPT = _SCRIPT_LIB + r"""
+import select, struct, time
+fam, dst, count, interval, wait, ident, size = args(int, str, int, float, float, int, int)
 if fam == 4:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     req, rep = 8, 0
@@ -249,42 +282,24 @@ for seq in range(1, count + 1):
 print(json.dumps({"sent": count, "received": received, "ident": ident}))
 """
 
-_TCP_SERVER_SCRIPT = r"""
-import json, socket, sys
-fam, addr, port, down, timeout = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-    int(sys.argv[4]), float(sys.argv[5]))
-ls = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_STREAM)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((addr, port))
-ls.listen(1)
-ls.settimeout(timeout)
-print("ready", flush=True)
+_TCP_SERVER_SCRIPT = _SCRIPT_LIB + r"""
+fam, addr, port, down, timeout = args(int, str, int, int, float)
+ls = listener(fam, addr, port, socket.SOCK_STREAM, timeout, backlog=1)
 c, peer = ls.accept()
 ls.close()
 c.settimeout(timeout)
-n = 0
-while True:
-    b = c.recv(65536)
-    if not b:
-        break
-    n += len(b)
-chunk = b"\x55" * 65536
-left = down
-while left > 0:
-    k = min(left, len(chunk))
-    c.sendall(chunk[:k])
-    left -= k
+n = recv_to_eof(c)
+send_bytes(c, down, b"\x55")
 c.close()
 print(json.dumps({"received": n, "peer_port": peer[1]}))
 """
 
-_TCP_CLIENT_SCRIPT = r"""
-import errno, json, socket, sys, time
-fam, addr, port, up, timeout = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-    int(sys.argv[4]), float(sys.argv[5]))
+_TCP_CLIENT_SCRIPT = _SCRIPT_LIB + r"""
+import time
+fam, addr, port, up, timeout = args(int, str, int, int, float)
 deadline = time.monotonic() + timeout
 while True:
-    s = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    s = family_socket(fam, socket.SOCK_STREAM)
     s.settimeout(max(0.1, deadline - time.monotonic()))
     try:
         s.connect((addr, port))
@@ -295,32 +310,16 @@ while True:
             raise
         time.sleep(0.05)
 sport = s.getsockname()[1]
-chunk = b"\xaa" * 65536
-left = up
-while left > 0:
-    k = min(left, len(chunk))
-    s.sendall(chunk[:k])
-    left -= k
+send_bytes(s, up, b"\xaa")
 s.shutdown(socket.SHUT_WR)
-n = 0
-while True:
-    b = s.recv(65536)
-    if not b:
-        break
-    n += len(b)
+n = recv_to_eof(s)
 s.close()
 print(json.dumps({"sport": sport, "received": n}))
 """
 
-_UDP_SERVER_SCRIPT = r"""
-import json, socket, sys
-fam, addr, port, count, timeout = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-    int(sys.argv[4]), float(sys.argv[5]))
-s = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port))
-s.settimeout(timeout)
-print("ready", flush=True)
+_UDP_SERVER_SCRIPT = _SCRIPT_LIB + r"""
+fam, addr, port, count, timeout = args(int, str, int, int, float)
+s = listener(fam, addr, port, socket.SOCK_DGRAM, timeout)
 n = 0
 try:
     while n < count:
@@ -332,11 +331,9 @@ except socket.timeout:
 print(json.dumps({"echoed": n}))
 """
 
-_UDP_CLIENT_SCRIPT = r"""
-import json, socket, sys
-fam, addr, port, count, size, wait = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-    int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))
-s = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+_UDP_CLIENT_SCRIPT = _SCRIPT_LIB + r"""
+fam, addr, port, count, size, wait = args(int, str, int, int, int, float)
+s = family_socket(fam, socket.SOCK_DGRAM)
 s.connect((addr, port))
 s.settimeout(wait)
 sport = s.getsockname()[1]
@@ -353,16 +350,10 @@ s.close()
 print(json.dumps({"sport": sport, "received": got}))
 """
 
-_TCP_MANY_SERVER_SCRIPT = r"""
-import json, socket, sys, threading
-fam, addr, port, count, timeout = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-    int(sys.argv[4]), float(sys.argv[5]))
-ls = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_STREAM)
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind((addr, port))
-ls.listen(max(128, min(count, 4096)))
-ls.settimeout(timeout)
-print("ready", flush=True)
+_TCP_MANY_SERVER_SCRIPT = _SCRIPT_LIB + r"""
+import threading
+fam, addr, port, count, timeout = args(int, str, int, int, float)
+ls = listener(fam, addr, port, socket.SOCK_STREAM, timeout, backlog=max(128, min(count, 4096)))
 done = threading.Semaphore(0)
 def serve(c):
     try:
@@ -391,18 +382,16 @@ for t in threads:
 print(json.dumps({"served": len(threads)}))
 """
 
-_TCP_MANY_CLIENT_SCRIPT = r"""
-import json, socket, sys, threading, time
-fam, addr, port, count, conc, size, timeout = (int(sys.argv[1]), sys.argv[2],
-    int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
-    float(sys.argv[7]))
+_TCP_MANY_CLIENT_SCRIPT = _SCRIPT_LIB + r"""
+import threading, time
+fam, addr, port, count, conc, size, timeout = args(int, str, int, int, int, int, float)
 deadline = time.monotonic() + timeout
 ports, errors = [], []
 lock = threading.Lock()
 nxt = [0]
 payload = b"\x42" * size
 def one():
-    s = socket.socket(socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+    s = family_socket(fam, socket.SOCK_STREAM)
     s.settimeout(max(0.1, deadline - time.monotonic()))
     try:
         s.connect((addr, port))
@@ -438,10 +427,9 @@ for t in ts:
 print(json.dumps({"ports": ports, "errors": errors[:10], "n_errors": len(errors)}))
 """
 
-_CAPTURE_SCRIPT = r"""
-import json, os, select, socket, struct, sys, time
-ifname, max_packets, max_seconds, idle = (sys.argv[1], int(sys.argv[2]),
-    float(sys.argv[3]), float(sys.argv[4]))
+_CAPTURE_SCRIPT = _SCRIPT_LIB + r"""
+import os, select, struct, time
+ifname, max_packets, max_seconds, idle = args(str, int, float, float)
 ETH_P_ALL = 3
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
@@ -980,6 +968,20 @@ class Pair:
         up to 2 s.  Returns the echo id (conntrack's id=)."""
         return self.client.ping(self.server.addr(family), count, **kw)
 
+    def _exchange(self, what: str, limit: float, server: tuple,
+                  client: tuple) -> tuple[dict, dict]:
+        """Start ``server`` (a script and its arguments) in the server
+        namespace and wait until it is ready, then run ``client`` in the
+        client's; returns the results of both (client's, server's), each
+        awaited ``limit`` s at most.  The server never outlives the call."""
+        srv = self.server._server(*server)
+        try:
+            cres = _finish(self.client.python(*client), limit, f"{what} client")
+            sres = _finish(srv, limit, f"{what} server")
+        finally:
+            _kill_proc(srv)
+        return cres, sres
+
     def tcp_exchange(
         self,
         n_bytes_up: int,
@@ -992,13 +994,10 @@ class Pair:
         server reads to EOF, replies ``n_bytes_down`` and closes.  Returns
         (client source port, server port)."""
         dst = self.server.addr(family)
-        srv = self.server._server(_TCP_SERVER_SCRIPT, family, dst, port, n_bytes_down, timeout)
-        try:
-            cli = self.client.python(_TCP_CLIENT_SCRIPT, family, dst, port, n_bytes_up, timeout)
-            cres = _finish(cli, timeout + 5, "tcp_exchange client")
-            sres = _finish(srv, timeout + 5, "tcp_exchange server")
-        finally:
-            _kill_proc(srv)
+        cres, sres = self._exchange(
+            "tcp_exchange", timeout + 5,
+            (_TCP_SERVER_SCRIPT, family, dst, port, n_bytes_down, timeout),
+            (_TCP_CLIENT_SCRIPT, family, dst, port, n_bytes_up, timeout))
         if sres["received"] != n_bytes_up or cres["received"] != n_bytes_down:
             raise TestbedError(f"tcp_exchange: short transfer: client {cres}, server {sres}")
         if sres["peer_port"] != cres["sport"]:
@@ -1020,14 +1019,10 @@ class Pair:
             raise ValueError("n_packets must be in 1..100000")
         dst = self.server.addr(family)
         limit = n_packets * wait + 10
-        srv = self.server._server(_UDP_SERVER_SCRIPT, family, dst, port, n_packets, wait + 5)
-        try:
-            cli = self.client.python(_UDP_CLIENT_SCRIPT, family, dst, port, n_packets,
-                                     payload, wait)
-            cres = _finish(cli, limit, "udp_exchange client")
-            sres = _finish(srv, limit, "udp_exchange server")
-        finally:
-            _kill_proc(srv)
+        cres, sres = self._exchange(
+            "udp_exchange", limit,
+            (_UDP_SERVER_SCRIPT, family, dst, port, n_packets, wait + 5),
+            (_UDP_CLIENT_SCRIPT, family, dst, port, n_packets, payload, wait))
         if cres["received"] != n_packets or sres["echoed"] != n_packets:
             raise TestbedError(f"udp_exchange: lost datagrams: client {cres}, server {sres}")
         return cres["sport"]
@@ -1047,14 +1042,10 @@ class Pair:
         if not 1 <= count <= 100000:
             raise ValueError("count must be in 1..100000")
         dst = self.server.addr(family)
-        srv = self.server._server(_TCP_MANY_SERVER_SCRIPT, family, dst, port, count, timeout)
-        try:
-            cli = self.client.python(_TCP_MANY_CLIENT_SCRIPT, family, dst, port, count,
-                                     concurrency, size, timeout)
-            cres = _finish(cli, timeout + 10, "tcp_many client")
-            sres = _finish(srv, timeout + 10, "tcp_many server")
-        finally:
-            _kill_proc(srv)
+        cres, sres = self._exchange(
+            "tcp_many", timeout + 10,
+            (_TCP_MANY_SERVER_SCRIPT, family, dst, port, count, timeout),
+            (_TCP_MANY_CLIENT_SCRIPT, family, dst, port, count, concurrency, size, timeout))
         if cres["n_errors"] or len(cres["ports"]) != count:
             raise TestbedError(
                 f"tcp_many: {len(cres['ports'])}/{count} connections, "
