@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from . import abi
 
@@ -54,8 +54,10 @@ def flow_text(x) -> str:
 
 
 @dataclass(slots=True)
-class Event:
-    type: str            # NEW | UPDATE | DESTROY
+class Flow:
+    """What an event and a table entry both say of a connection: its tuple,
+    state and counters."""
+
     family: int
     proto: str
     src: str
@@ -71,6 +73,11 @@ class Event:
     packets_reply: int
     bytes_orig: int
     bytes_reply: int
+
+
+@dataclass(slots=True)
+class Event(Flow):
+    type: str            # NEW | UPDATE | DESTROY
     time_ms: int         # when the event was made
     first_ms: int
     last_ms: int
@@ -112,7 +119,7 @@ class Event:
         return self.proto in ("icmp", "icmpv6")
 
     def as_dict(self) -> dict:
-        d = {f: getattr(self, f) for f in self.__slots__ if f != "ack_ref"}
+        d = {f: getattr(self, f) for f in _EVENT_KEYS}
         if self.is_icmp:
             d["id"] = self.sport
         return d
@@ -159,3 +166,7 @@ class LostReport:
     def text(self) -> str:
         what = " ".join(f"{k}={v}" for k, v in self.lost.items())
         return f"{'[LOST]'.ljust(10)} {what} in the last {self.interval_s:.0f}s"
+
+
+# Event.as_dict's keys: the type first, then the rest in field order.
+_EVENT_KEYS = ("type",) + tuple(f.name for f in fields(Event) if f.name not in ("type", "ack_ref"))

@@ -7,14 +7,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 from . import abi
 from . import bpfsys
 from .abi import _ntohs
 from ..errors import NotAttachedError
-from .events import flow_text
+from .events import Flow, flow_text
 
 _KEY4 = struct.Struct(abi.KEY4.fmt)
 _KEY6 = struct.Struct(abi.KEY6.fmt)
@@ -22,22 +22,7 @@ _ENTRY = struct.Struct(abi.ENTRY.fmt)
 
 
 @dataclass
-class Entry:
-    family: int
-    proto: str
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    vlan: int
-    state: str | None
-    assured: bool
-    ct_id: int
-    seq: int
-    packets_orig: int
-    packets_reply: int
-    bytes_orig: int
-    bytes_reply: int
+class Entry(Flow):
     age_s: float
     idle_s: float
     dying: bool = False          # in the outbox: its DESTROY awaits an ack
@@ -45,7 +30,7 @@ class Entry:
     retries: int = 0
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def text(self) -> str:
         if self.dying:

@@ -328,6 +328,9 @@ class ArchiveWriter:
         self.written += len(records)
 
     def _append(self, data) -> None:
+        low = self._disk_low(len(data))
+        if low is not None:
+            raise OSError(errno.ENOSPC, low, self.directory)
         with memoryview(data) as mv:
             done = 0
             while done < len(mv):
@@ -355,11 +358,12 @@ class ArchiveWriter:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def _disk_low(self) -> str | None:
-        """None while the filesystem has more than its last 1/FREE_FLOOR free
-        (after removing old segments if needed), else why not to write."""
+    def _disk_low(self, writing: int = 0) -> str | None:
+        """None while the filesystem keeps more than its last 1/FREE_FLOOR
+        free after `writing` more bytes (removing old segments if needed),
+        else why not to write."""
         st = os.statvfs(self.directory)
-        size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize - writing
         floor = size // FREE_FLOOR
         if free >= floor:
             return None

@@ -273,7 +273,16 @@ class KafkaSink(Sink):
 
     async def _drain_loop(self) -> None:
         while True:
-            await self._kick.wait()
+            if self.spool.cursor_lag and not self.spool.depth_records:
+                # Drained, but the delivered cursor is not on disk yet (a full
+                # disk): until it is, no delivered segment can go.
+                try:
+                    await asyncio.wait_for(self._kick.wait(), RETRY_S)
+                except TimeoutError:
+                    await asyncio.to_thread(self.spool.flush_cursor)
+                    continue
+            else:
+                await self._kick.wait()
             self._kick.clear()
             while self.spool.depth_records:
                 if not self.producer.connected and not await self._connect():
@@ -297,10 +306,11 @@ class KafkaSink(Sink):
             except KafkaUnavailable as exc:
                 self._lost_kafka(str(exc))
                 return False
-            await asyncio.to_thread(self.spool.mark_delivered, recs[-1].offset)
+            # In Kafka now, whatever the cursor's bookkeeping does next.
             self.sent_from_spool += len(recs)
             if self.on_published is not None:
                 self.on_published([(r.key, r.value, r.time_ms) for r in recs])
+            await asyncio.to_thread(self.spool.mark_delivered, recs[-1].offset)
             if self.spool.depth_records == 0:
                 log.info("spool drained: live again")
             return True

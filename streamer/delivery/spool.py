@@ -808,13 +808,22 @@ class Spool:
             seg.rfd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
         return seg.rfd
 
-    def mark_delivered(self, offset: int) -> None:
+    def flush_cursor(self) -> bool:
+        """Try again to write a delivered cursor that lags in memory (see
+        the module docstring), and retire what it covers; True once it is
+        on disk."""
+        if self._cursor_lag is not None:
+            self.mark_delivered(self._delivered, again=True)
+        return self._cursor_lag is None
+
+    def mark_delivered(self, offset: int, again: bool = False) -> None:
         """Kafka acked every record up to `offset`. Persists the cursor, then
-        retires the segments it wholly covers."""
+        retires the segments it wholly covers (`again`: the same offset once
+        more, for a cursor that could not be written)."""
         with self._drain_lock:
             with self._lock:
                 self._check_usable()
-                if offset <= self._delivered:
+                if offset < self._delivered or (offset == self._delivered and not again):
                     return
                 if offset > self._durable:
                     raise SpoolError(f"cannot mark offset {offset} delivered: records are "
@@ -942,7 +951,8 @@ class Spool:
                     seg.close_fds()
                     if seg in self._segments:
                         self._segments.remove(seg)
-                os.unlink(seg.path)
+                with contextlib.suppress(FileNotFoundError):   # never made, or gone
+                    os.unlink(seg.path)
             os.fsync(self._dir_fd)
         except OSError as exc:
             raise SpoolError(f"cannot retire delivered spool segments in {self.directory}: "

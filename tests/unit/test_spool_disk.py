@@ -211,3 +211,19 @@ def test_a_wholly_delivered_spool_gives_its_disk_back(tmp_path):
     sp.close()
     with Spool.open(d) as again:
         assert read_all(again) == [expected(50)]
+
+
+def test_a_lagging_cursor_is_written_later_even_when_nothing_is_left_to_drain(tmp_path, faults):
+    d = tmp_path / "s"
+    sp = Spool.open(d, segment_bytes=1024)
+    fill(sp, 0, 40)
+    faults.replace = errno.EIO
+    sp.mark_delivered(39)                         # everything is in Kafka; the cursor is not
+    assert sp.depth_records == 0 and sp.cursor_lag and len(seg_files(d)) > 1
+    assert not sp.flush_cursor()                  # the disk still refuses
+    faults.clear()
+    assert sp.flush_cursor() and sp.cursor_lag is None
+    assert seg_files(d) == []                     # the delivered segments went with it
+    sp.close()
+    with Spool.open(d, segment_bytes=1024) as again:
+        assert again.delivered_offset == 39 and read_all(again) == []
