@@ -123,8 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command in ("account", "replay"):
         short, description = _DESCRIPTIONS[command]
         add_settings(sub.add_parser(command, help=short, description=description), command)
-    from .accounting import command as accounting
-    accounting.add_top_parser(sub)
+    tp = sub.add_parser("top", help="top talkers from the accounting database")
+    tp.add_argument("--db", default=settings.DEFAULT_DB, metavar="URL",
+                    help="sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
+                         "(default %(default)s)")
+    tp.add_argument("--by", choices=("src", "dst", "port"), default="src",
+                    help="initiator address, responder address, or protocol/responder port "
+                         "(%(default)s)")
+    tp.add_argument("--since", default="all", metavar="DURATION",
+                    help="flows that ended within DURATION (90s, 10m, 2h, 1d) or all (%(default)s)")
+    tp.add_argument("-n", type=int, default=10, dest="limit", metavar="N", help="rows (%(default)s)")
+    tp.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return p
 
 
@@ -178,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(a: argparse.Namespace) -> int:
-    if getattr(a, "func", None) is not None:
-        return a.func(a)
     if a.cmd in settings.COMMANDS:
         cfg = _config_of(a)
         if a.cmd == "run":
@@ -193,6 +200,9 @@ def _dispatch(a: argparse.Namespace) -> int:
         return replay_main(cfg, lambda: settings.kafka_settings(
             cfg.values, client_id="ctstream-replay", compression=cfg.kafka_compression,
             **settings.send_timeouts(cfg.kafka_timeout)))
+    if a.cmd == "top":
+        from .accounting.command import top_main
+        return top_main(a.db, a.by, a.since, a.limit, a.output)
     if a.cmd == "status":
         return _status(a)
     if a.cmd == "list":

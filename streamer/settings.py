@@ -60,6 +60,8 @@ def seconds(text) -> float:
         raise ValueError("expected a number of seconds, got a boolean")
     if isinstance(text, (int, float)):
         value = float(text)
+    elif _is_float(text):
+        value = float(text)
     else:
         m = re.fullmatch(r"\s*(-?[0-9.]+(?:e-?\d+)?)\s*([smhd]?)\s*", str(text), re.I)
         if not m:
@@ -68,9 +70,15 @@ def seconds(text) -> float:
             value = float(m.group(1)) * _UNITS_S[m.group(2).lower()]
         except ValueError as exc:
             raise ValueError(f"expected a number of seconds, got {text!r}") from exc
-    if not math.isfinite(value):
-        raise ValueError(f"expected a number of seconds, got {text!r}")
-    return value
+    return value        # inf and nan are numbers: the setting's own check refuses them
+
+
+def _is_float(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def size(text) -> int:
@@ -444,7 +452,7 @@ def _make_parts(cfg: Config) -> None:
     try:
         if cmd in DAEMON_CMDS:
             _require(cfg, "interface")
-            if v["lost_interval"] < 0:
+            if not math.isfinite(v["lost_interval"]) or v["lost_interval"] < 0:
                 raise ConfigError("--lost-interval must be 0 (off) or positive, got "
                                   f"{v['lost_interval']:g}", setting="lost-interval")
             cfg.datapath = datapath_config(v)

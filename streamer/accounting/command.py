@@ -1,8 +1,8 @@
-"""`ctstream account` and `ctstream top`: argument parsing and entry points."""
+"""`ctstream account` and `ctstream top`: their entry points (the options
+are the command line's, streamer/cli.py)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -10,25 +10,8 @@ import sys
 
 from ..errors import ConfigError
 from ..settings import Config, check_kafka_timeout, kafka_settings
-from .db import DEFAULT_URL
 
 MAX_HORIZON_S = 366 * 86400
-_DB_HELP = ("sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
-            "(default %(default)s)")
-
-
-def add_top_parser(sub) -> None:
-    """`top`; `account` is made from streamer/settings.py's table (cli.py)."""
-    tp = sub.add_parser("top", help="top talkers from the accounting database")
-    tp.add_argument("--db", default=DEFAULT_URL, metavar="URL", help=_DB_HELP)
-    tp.add_argument("--by", choices=("src", "dst", "port"), default="src",
-                    help="initiator address, responder address, or protocol/responder port "
-                         "(%(default)s)")
-    tp.add_argument("--since", default="all", metavar="DURATION",
-                    help="flows that ended within DURATION (90s, 10m, 2h, 1d) or all (%(default)s)")
-    tp.add_argument("-n", type=int, default=10, dest="limit", metavar="N", help="rows (%(default)s)")
-    tp.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    tp.set_defaults(func=top_main)
 
 
 def account_main(a: Config) -> int:
@@ -84,17 +67,18 @@ def _report(a: Config, target) -> int:
     return 0
 
 
-def top_main(a: argparse.Namespace) -> int:
+def top_main(db: str, by: str, since_text: str, limit: int, output: str) -> int:
+    """`ctstream top`: the top talkers of the accounting database."""
     from .db import parse_url
     from .top import parse_duration, top_talkers
 
-    parse_url(a.db)
-    since = parse_duration(a.since)
-    rows = top_talkers(a.db, a.by, since, a.limit)
-    if a.output == "json":
+    parse_url(db)
+    since = parse_duration(since_text)
+    rows = top_talkers(db, by, since, limit)
+    if output == "json":
         print(json.dumps(rows))
         return 0
-    head = {"src": "SOURCE", "dst": "DESTINATION", "port": "PORT"}[a.by]
+    head = {"src": "SOURCE", "dst": "DESTINATION", "port": "PORT"}[by]
     width = max([len(head)] + [len(str(r["talker"])) for r in rows])
     print(f"{head.ljust(width)}  {'BYTES':>14}  {'PACKETS':>11}  {'FLOWS':>8}  {'OUT/IN BYTES':>23}")
     for r in rows:

@@ -17,6 +17,7 @@ after a commit that followed its write returned: that is the whole contract.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -154,7 +155,10 @@ class JsonlSink(Sink):
             try:
                 self.commit()
             finally:
-                self._f.close()
+                # A failed commit left data in the buffer that close() would
+                # try to write again: it was never acked, so let it go.
+                with contextlib.suppress(OSError):
+                    self._f.close()
 
 
 def _ends_torn(path: str) -> bool:

@@ -828,11 +828,13 @@ class Spool:
                 if offset > self._durable:
                     raise SpoolError(f"cannot mark offset {offset} delivered: records are "
                                      f"durable only up to {self._durable} (sync first)")
-                if offset == self._durable and not any(b for _, b in self._pieces):
-                    # Offsets above the durable ones with nothing buffered were
-                    # discarded by a failed sync: no record holds them, and
-                    # the segment sealed over them may go.
-                    offset = self._next - 1
+                if not any(b for _, b in self._pieces) and \
+                        offset >= max((s.last for s in self._segments), default=-1):
+                    # Every record is delivered; offsets above the last one
+                    # with nothing buffered were discarded by a failed sync:
+                    # no record holds them, and the segment sealed over them
+                    # may go.
+                    offset = max(offset, self._next - 1)
                 segments = list(self._segments)
             # The cursor is durable before any segment it covers goes: a crash
             # in between leaves a delivered segment (retired at the next open),

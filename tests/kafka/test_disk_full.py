@@ -11,7 +11,6 @@ drained and takes nothing new. Bounds are bounds, never measurements.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import uuid
@@ -29,6 +28,7 @@ from tests.kafka.pipeline_support import (
     read_topic,
     report,
 )
+from tests.netns.test_failure_keeps_state import small_fs
 from tests.netns.test_reliability import TCP_PORT, kernel_flows, wait_drained
 
 PARTITIONS = 3
@@ -40,20 +40,6 @@ DRAIN_TIMEOUT = 180
 
 def pipeline(test):
     return pytest.mark.root(pytest.mark.kafka(test))
-
-
-@contextlib.contextmanager
-def small_fs(path: Path, size: str):
-    """A tmpfs of `size` at `path`, unmounted afterwards whatever happens."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                   check=True, timeout=10)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], timeout=30)
-        assert str(path) not in Path("/proc/mounts").read_text(), f"{path} still mounted"
 
 
 def segment_bytes(spool: Path) -> int:
@@ -91,7 +77,9 @@ def test_spool_on_a_full_disk_keeps_every_destroy_and_never_exits(pin_dir, tmp_p
         broker.topic_create(topic, PARTITIONS)
         stats = wait_drained(pipe.pin, timeout=DRAIN_TIMEOUT)
         drained = pipe.wait_spool_drained(DRAIN_TIMEOUT)
-        assert segment_bytes(pipe.spool) < 64 << 10, "delivered segments still hold the disk"
+        gone = pipe.wait_status("delivered segments retired",
+                                lambda st: segment_bytes(pipe.spool) < 64 << 10, 30)
+        assert gone["spool_cursor_lag"] is None, gone
         more = pair.tcp_many(100, family=4, port=TCP_PORT, concurrency=8, timeout=60)
         wait_drained(pipe.pin, timeout=60)
         final = pipe.wait_spool_drained(60)

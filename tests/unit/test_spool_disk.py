@@ -227,3 +227,21 @@ def test_a_lagging_cursor_is_written_later_even_when_nothing_is_left_to_drain(tm
     sp.close()
     with Spool.open(d, segment_bytes=1024) as again:
         assert again.delivered_offset == 39 and read_all(again) == []
+
+
+def test_offsets_a_failed_sync_discarded_do_not_keep_a_drained_segment(tmp_path, faults):
+    d = tmp_path / "s"
+    sp = Spool.open(d)
+    fill(sp, 0, 10)
+    for i in range(10, 15):
+        sp.append(*rec(i))
+    faults.fdatasync = errno.EIO
+    with pytest.raises(SpoolWriteError):
+        sp.sync()
+    faults.clear()
+    assert sp.sync() == 14          # nothing to write: the discarded offsets count as done
+    recs = read_all(sp)
+    assert [r.offset for r in recs] == list(range(10))
+    sp.mark_delivered(recs[-1].offset)
+    assert sp.depth_records == 0 and seg_files(d) == [], "a drained segment held the disk"
+    sp.close()
