@@ -106,6 +106,22 @@ _SEGMENT_NAME = re.compile(r"seg-(\d{20})\.spool")
 _HINTS_KEPT = 64
 
 
+class _DiskState:
+    """How the spool's disk is doing (one attribute of the Spool: the spool's
+    own attributes stay few, which keeps their lookups on the fast path)."""
+
+    __slots__ = ("read_only", "write_error", "write_failures", "retry_at", "cursor_lag",
+                 "reserve")
+
+    def __init__(self) -> None:
+        self.read_only = False
+        self.write_error: str | None = None    # why the disk refused the last write
+        self.write_failures = 0
+        self.retry_at = 0.0                    # appends try the disk again from then
+        self.cursor_lag: str | None = None     # the cursor on disk is behind _delivered
+        self.reserve = True                    # the reserve file is there (or not wanted yet)
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolRecord:
     offset: int
@@ -282,13 +298,7 @@ class Spool:
         self._full = False
         self._room = max_bytes
         self._closed = False
-        self.read_only = False
-        # Why the disk refused the last write, and when appends may try again.
-        self.write_error: str | None = None
-        self.write_failures = 0
-        self._retry_at = 0.0
-        self._cursor_lag: str | None = None  # the cursor on disk is behind _delivered
-        self._reserve = True                 # the reserve file is there (or not wanted yet)
+        self._disk = _DiskState()
         self._lock = threading.Lock()        # in-memory state; held briefly, never over I/O
         self._sync_lock = threading.Lock()   # one sync at a time, so buffers reach disk in order
         self._drain_lock = threading.Lock()  # read, mark_delivered and retirement
@@ -298,7 +308,7 @@ class Spool:
             self._take_lock()
             self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._recover()
-            if self.read_only:
+            if self._disk.read_only:
                 self._refuse_writes("the spool's filesystem is read-only", forever=True)
             else:
                 self._make_reserve()
@@ -327,7 +337,7 @@ class Spool:
             # A read-only filesystem: drain what is there, take nothing new.
             # flock works on a read-only descriptor; without a lock file the
             # directory itself is locked.
-            self.read_only = True
+            self._disk.read_only = True
             try:
                 self._lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -353,7 +363,7 @@ class Spool:
         report = RecoveryReport()
         self.recovery = report
         tmp = os.path.join(self.directory, "cursor.tmp")
-        if os.path.exists(tmp) and not self.read_only:
+        if os.path.exists(tmp) and not self._disk.read_only:
             os.unlink(tmp)      # a cursor write that never reached its rename
         delivered = self._read_cursor(report)
         files, bad_names = _segment_files(self.directory)
@@ -382,7 +392,7 @@ class Spool:
             [(self._active, self._buf)] if self._active else [])
         # A crash between the cursor's rename and the retirement it allowed
         # leaves wholly delivered segments behind; finish the job.
-        if not self.read_only:
+        if not self._disk.read_only:
             with self._drain_lock:
                 self._retire([s for s in segments if s.delivered_by(delivered)])
         self._depth_bytes = sum(s.bytes - s.delivered_pos for s in self._segments)
@@ -392,7 +402,7 @@ class Spool:
                          report: RecoveryReport) -> _Segment:
         seg = _Segment(self.directory, first)
         seg.on_disk = True
-        last_file = below is None and not self.read_only
+        last_file = below is None and not self._disk.read_only
         try:
             fd = os.open(seg.path, (os.O_RDWR if last_file else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
@@ -482,7 +492,7 @@ class Spool:
             except struct.error as exc:
                 raise SpoolError(f"cannot spool a record with time_ms {time_ms!r}: {exc}") from exc
             seg = self._active
-            if seg is None or seg.sealed or (seg.bytes + flen > self.segment_bytes and seg.bytes):
+            if seg is None or (seg.bytes + flen > self.segment_bytes and seg.bytes):
                 seg = self._roll(off)
             pos = seg.bytes
             if pos >= seg.next_index_at:
@@ -507,30 +517,30 @@ class Spool:
         if flen > self.max_bytes or plen > MAX_PAYLOAD:
             raise SpoolError(f"a record of {flen} bytes can never fit in the spool "
                              f"(max_bytes {self.max_bytes}, payload at most {MAX_PAYLOAD})")
-        if self.write_error is not None and not self.read_only \
-                and time.monotonic() >= self._retry_at:
+        if self._disk.write_error is not None and not self._disk.read_only \
+                and time.monotonic() >= self._disk.retry_at:
             self._room = self.max_bytes
             if self._depth_bytes + flen <= self._room:
                 return
         self._full = True
         self.full_refusals += 1
-        if self.write_error is not None and self._room < 0:
+        if self._disk.write_error is not None and self._room < 0:
             raise SpoolUnwritable(f"the spool {self.directory} cannot write: "
-                                  f"{self.write_error}")
+                                  f"{self._disk.write_error}")
         raise SpoolFull(f"the spool {self.directory} is full: {self._depth_bytes} "
                         f"undelivered bytes, max_bytes {self.max_bytes}")
 
     def _refuse_writes(self, why: str, forever: bool = False) -> None:
         """Appends are refused for WRITE_RETRY_S (caller holds _lock, or
         nobody else has the spool yet)."""
-        self.write_error = why
+        self._disk.write_error = why
         self._room = -1
-        self._retry_at = float("inf") if forever else time.monotonic() + WRITE_RETRY_S
+        self._disk.retry_at = float("inf") if forever else time.monotonic() + WRITE_RETRY_S
 
     def _writes_work(self) -> None:
         """A write reached the disk, or room was freed: appends go in again."""
-        if self.write_error is not None and not self.read_only and not self._closed:
-            self.write_error = None
+        if self._disk.write_error is not None and not self._disk.read_only and not self._closed:
+            self._disk.write_error = None
             self._room = self.max_bytes
 
     def _roll(self, first: int) -> _Segment:
@@ -589,7 +599,7 @@ class Spool:
                 why = f"{exc.strerror} ({exc.filename or self.directory})"
                 with self._lock:
                     self._discard_unsynced()
-                    self.write_failures += 1
+                    self._disk.write_failures += 1
                     self._refuse_writes(why)
                 raise SpoolWriteError(f"the spool {self.directory} cannot write: {why}; "
                                       f"the records since the last sync are not durable") from exc
@@ -605,7 +615,7 @@ class Spool:
                         seg.wfd = None
                 self._durable = upto
                 self._writes_work()
-            if not self._reserve:
+            if not self._disk.reserve:
                 self._make_reserve()
             return upto
 
@@ -638,9 +648,9 @@ class Spool:
                 continue
             kept.append(seg)
         self._segments = kept
-        self._active = kept[-1] if kept else None
-        if self._active is not None and not self._active.sealed:
-            self._active.seal(self._next)
+        if kept and not kept[-1].sealed:
+            kept[-1].seal(self._next)
+        self._active = None             # the next append starts a new segment
         self._buf = bytearray()
         self._pieces = []
         for key in [k for k in self._hints if k > self._durable]:
@@ -651,7 +661,7 @@ class Spool:
         path = os.path.join(self.directory, RESERVE_NAME)
         try:
             if os.path.getsize(path) == RESERVE_BYTES:
-                self._reserve = True
+                self._disk.reserve = True
                 return
         except OSError:
             pass
@@ -662,20 +672,20 @@ class Spool:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            self._reserve = True
+            self._disk.reserve = True
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            self._reserve = False
+            self._disk.reserve = False
 
     def _give_up_reserve(self) -> bool:
         """Free the reserve's room for a cursor write; False if none is left."""
         try:
             os.unlink(os.path.join(self.directory, RESERVE_NAME))
         except OSError:
-            self._reserve = False
+            self._disk.reserve = False
             return False
-        self._reserve = False
+        self._disk.reserve = False
         with contextlib.suppress(OSError):
             os.fsync(self._dir_fd)
         return True
@@ -812,9 +822,9 @@ class Spool:
         """Try again to write a delivered cursor that lags in memory (see
         the module docstring), and retire what it covers; True once it is
         on disk."""
-        if self._cursor_lag is not None:
+        if self._disk.cursor_lag is not None:
             self.mark_delivered(self._delivered, again=True)
-        return self._cursor_lag is None
+        return self._disk.cursor_lag is None
 
     def mark_delivered(self, offset: int, again: bool = False) -> None:
         """Kafka acked every record up to `offset`. Persists the cursor, then
@@ -901,7 +911,7 @@ class Spool:
             if whole:
                 with self._lock:
                     self._writes_work()
-                if not self._reserve:
+                if not self._disk.reserve:
                     self._make_reserve()
 
     def _persist_cursor(self, offset: int) -> bool:
@@ -911,16 +921,16 @@ class Spool:
             self._write_cursor(offset)
         except SpoolError as exc:
             err = getattr(exc.__cause__, "errno", None)
-            if self.read_only or err not in (errno.ENOSPC, errno.EDQUOT) \
+            if self._disk.read_only or err not in (errno.ENOSPC, errno.EDQUOT) \
                     or not self._give_up_reserve():
-                self._cursor_lag = str(exc)
+                self._disk.cursor_lag = str(exc)
                 return False
             try:
                 self._write_cursor(offset)
             except SpoolError as again:
-                self._cursor_lag = str(again)
+                self._disk.cursor_lag = str(again)
                 return False
-        self._cursor_lag = None
+        self._disk.cursor_lag = None
         return True
 
     def _write_cursor(self, offset: int) -> None:
@@ -991,7 +1001,20 @@ class Spool:
     @property
     def cursor_lag(self) -> str | None:
         """Why the delivered cursor on disk is behind the one in memory, if it is."""
-        return self._cursor_lag
+        return self._disk.cursor_lag
+
+    @property
+    def write_error(self) -> str | None:
+        """Why the disk refused the last write, until a write works again."""
+        return self._disk.write_error
+
+    @property
+    def write_failures(self) -> int:
+        return self._disk.write_failures
+
+    @property
+    def read_only(self) -> bool:
+        return self._disk.read_only
 
     @property
     def segments(self) -> int:
@@ -1006,7 +1029,7 @@ class Spool:
         if self._closed:
             return
         try:
-            if not self.read_only:
+            if not self._disk.read_only:
                 # What it cannot write now was never promised: the caller
                 # acks only after a sync of its own returned.
                 with contextlib.suppress(SpoolWriteError):

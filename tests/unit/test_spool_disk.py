@@ -62,7 +62,7 @@ def faults(monkeypatch):
 
 def retry_now(sp: Spool) -> None:
     """Skip the WRITE_RETRY_S wait."""
-    sp._retry_at = 0.0
+    sp._disk.retry_at = 0.0
 
 
 @pytest.mark.parametrize("err,partial", [(errno.ENOSPC, True), (errno.EIO, False)])
