@@ -77,6 +77,8 @@ import threading
 import time
 from pathlib import Path
 
+from streamer.demo.testbed import pid_alive
+
 PAGE = 4096
 MOUNT_TIMEOUT = 10.0     # FUSE process started, mounted, INIT answered
 KILL_TIMEOUT = 10.0
@@ -134,23 +136,13 @@ def _detach(path: str) -> None:
             raise CrashFSError(f"cannot unmount {path}: {os.strerror(err)}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale() -> list[str]:
     """Unmount the crashfs mounts whose owning process is gone (a test run
     that was killed); never one of a live process."""
     removed = []
     for fsname, mp in crashfs_mounts():
         owner = fsname[len(FSNAME_PREFIX):] if fsname.startswith(FSNAME_PREFIX) else ""
-        if owner.isdigit() and not _pid_alive(int(owner)):
+        if owner.isdigit() and not pid_alive(int(owner)):
             _detach(mp)
             removed.append(mp)
     return removed

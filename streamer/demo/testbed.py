@@ -1125,7 +1125,8 @@ def _delete_netns(ns: str) -> None:
     _run(["ip", "netns", "delete", ns], timeout=10)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists (perhaps not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1146,7 +1147,7 @@ def cleanup_stale(prefix: str = "cts") -> list[str]:
     removed = []
     for ns in _list_netns():
         m = rx.match(ns)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _delete_netns(ns)
             removed.append(ns)
     return removed

@@ -107,6 +107,11 @@ def private_broker(directory: Path):
         broker.close()
 
 
+def pipeline(test):
+    """Marks of the tests that run the daemon, a test bed and a broker."""
+    return pytest.mark.root(pytest.mark.kafka(test))
+
+
 # --- the daemon on a test-bed pair --------------------------------------------------------
 
 

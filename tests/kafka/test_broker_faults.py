@@ -37,6 +37,7 @@ from streamer.delivery.producer import partition_of
 from streamer.delivery.records import message_key
 from tests.kafka.conftest import broker_pids
 from tests.kafka.pipeline_support import (
+    pipeline,
     Message,
     PrivateBroker,
     TopicContents,
@@ -49,11 +50,6 @@ from tests.kafka.pipeline_support import (
     report,
 )
 from tests.netns.test_reliability import TCP_PORT, Generator, kernel_flows, wait_drained
-
-
-def pipeline(test):
-    """Marks of the tests that run the daemon, a test bed and a broker."""
-    return pytest.mark.root(pytest.mark.kafka(test))
 
 
 PARTITIONS = 3

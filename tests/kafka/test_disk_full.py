@@ -20,6 +20,7 @@ import pytest
 
 from streamer.delivery.spool import Spool, SpoolUnwritable
 from tests.kafka.pipeline_support import (
+    pipeline,
     TopicContents,
     check_tcp_connections,
     check_topic,
@@ -36,10 +37,6 @@ PAIR_INDEX = 33           # 198.18.33.0/24
 FS_SIZE = "2m"
 CONNECTIONS, BATCH = 3000, 500
 DRAIN_TIMEOUT = 180
-
-
-def pipeline(test):
-    return pytest.mark.root(pytest.mark.kafka(test))
 
 
 def segment_bytes(spool: Path) -> int:

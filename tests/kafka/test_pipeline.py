@@ -29,6 +29,7 @@ from streamer.demo import testbed
 from streamer.delivery.spool import Spool
 from tests.kafka.conftest import free_port_pair
 from tests.kafka.pipeline_support import (
+    pipeline,
     FRAME_HEADER,
     TopicContents,
     check_missed_bits,
@@ -56,11 +57,6 @@ from tests.netns.test_reliability import (
     wait_drained,
     xdp_attached,
 )
-
-
-def pipeline(test):
-    """Marks of the tests that run the daemon, a test bed and a broker."""
-    return pytest.mark.root(pytest.mark.kafka(test))
 
 
 PARTITIONS = 3
