@@ -185,6 +185,21 @@ def figures_of_the_fault(contents: TopicContents, runs: dict, fault_ms: int) -> 
             "first_producer_records_made_after_fault": stale_of_first}
 
 
+def check_every_connection(pipe, contents, kernel, ports, v6, st) -> tuple[dict, int]:
+    """After a fault: the topic holds what any topic must (check_topic, the
+    partition order included), every connection made has its one DESTROY
+    with the kernel's counters, and the table ended them all."""
+    pair = pipe.pair
+    figures = check_topic(contents, pipe.node_id)
+    assert len(set(ports)) == len(ports), "the client reused a source port: connections ambiguous"
+    check_tcp_connections(contents, pair, 4, ports, TCP_PORT, kernel)
+    check_tcp_connections(contents, pair, 6, v6, V6_PORT, kernel)
+    connections = len(ports) + len(v6)
+    assert figures["connections"] == connections, "DESTROYs of connections nobody made"
+    assert st["created"] == st["destroyed"] == connections and st["outbox"] == 0, st
+    return figures, connections
+
+
 # --- 1. the broker hangs for 30 s ---------------------------------------------------------
 
 
@@ -249,13 +264,7 @@ def test_broker_hung_for_30s_loses_no_destroy_and_keeps_order(pipe, tmp_path):
     assert final["kafka_error"] is None and final["sent_from_spool"] >= depth[-1], final
     assert final["sent_live"] > drained["sent_live"], (drained, final)
 
-    figures = check_topic(contents, pipe.node_id)   # includes check_partition_order
-    assert len(set(ports)) == len(ports), "the client reused a source port: connections ambiguous"
-    check_tcp_connections(contents, pair, 4, ports, TCP_PORT, kernel)
-    check_tcp_connections(contents, pair, 6, v6, V6_PORT, kernel)
-    connections = len(ports) + len(v6)
-    assert figures["connections"] == connections, "DESTROYs of connections nobody made"
-    assert st["created"] == st["destroyed"] == connections and st["outbox"] == 0, st
+    figures, connections = check_every_connection(pipe, contents, kernel, ports, v6, st)
     fault = figures_of_the_fault(contents, runs, fault_ms)
     assert all(n >= 2 for n in fault["producers_per_partition"].values()), \
         f"no new producer after the hang: {runs}"
@@ -320,13 +329,7 @@ def test_broker_sigkilled_and_restarted_loses_no_destroy_and_keeps_order(pipe, t
     assert final["kafka_error"] is None and final["sent_from_spool"] >= depth[-1], final
     assert final["sent_live"] > drained["sent_live"], (drained, final)
 
-    figures = check_topic(contents, pipe.node_id)
-    assert len(set(ports)) == len(ports), "the client reused a source port: connections ambiguous"
-    check_tcp_connections(contents, pair, 4, ports, TCP_PORT, kernel)
-    check_tcp_connections(contents, pair, 6, v6, V6_PORT, kernel)
-    connections = len(ports) + len(v6)
-    assert figures["connections"] == connections, "DESTROYs of connections nobody made"
-    assert st["created"] == st["destroyed"] == connections and st["outbox"] == 0, st
+    figures, connections = check_every_connection(pipe, contents, kernel, ports, v6, st)
     fault = figures_of_the_fault(contents, runs, fault_ms)
     report("broker sigkilled", {"connections": connections, **figures, **fault,
                                 "spool_peak": depth[-1], "sent_from_spool": final["sent_from_spool"],
