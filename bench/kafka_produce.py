@@ -51,7 +51,7 @@ import aiokafka  # noqa: E402
 
 from streamer.datapath import abi
 from streamer.delivery import records
-from streamer import wire  # noqa: E402
+from streamer.delivery import wire  # noqa: E402
 from streamer.datapath.events import Clock, Event  # noqa: E402
 from streamer.demo.local_servers import free_port_pair, live_pids  # noqa: E402
 from streamer.delivery.kafka_settings import KafkaSettings  # noqa: E402
@@ -105,8 +105,9 @@ def make_pool(n: int, seed: int = 7) -> list[Event]:
     return pool
 
 
-def encode_batch(pool: list[Event], start: int, count: int) -> list[tuple[bytes, bytes]]:
-    """(key, value) of events start..start+count, each with its own ct_id."""
+def encode_batch(pool: list[Event], start: int, count: int) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, time_ms) of events start..start+count, each with its own
+    ct_id, as the Kafka sink hands them to Producer.send."""
     out = []
     n = len(pool)
     record_of, encode, key_of = records.record_of, wire.encode, records.message_key
@@ -114,7 +115,7 @@ def encode_batch(pool: list[Event], start: int, count: int) -> list[tuple[bytes,
         ev = pool[i % n]
         ev.ct_id = CT_BASE + i
         record = record_of(ev, NODE)
-        out.append((key_of(record), encode(record)))
+        out.append((key_of(record), encode(record), ev.time_ms))
     return out
 
 

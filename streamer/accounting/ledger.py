@@ -16,9 +16,15 @@ What each record does:
   seq or a higher one); applying it twice changes nothing. It never goes
   into the dedupe set and never makes flows or rollups.
 - LOST is kept in `lost_reports`, once per (nodeId, seq).
-- Anything that is not a valid record (not msgpack, another schema version,
-  a missing field) goes to `rejected_records` with its partition and offset,
-  so one bad record does not stop the accounting.
+- Anything that is not a valid record (not msgpack, a schema version this
+  consumer does not read, a missing field) goes to `rejected_records` with
+  its partition and offset, so one bad record does not stop the accounting.
+
+Every version in wire.READABLE_VERSIONS is read: a topic written across an
+upgrade holds v1 records (TCP flags as tcpControlBitsInitiator and
+tcpControlBitsResponder) before v2 ones (tcpControlBits and
+reverseTcpControlBits, and observationTimeMilliseconds in every record); both
+make the same rows.
 
 Within a transaction, existing keys are looked up first and new rows are
 inserted without ON CONFLICT: if another consumer (one that lost its
@@ -46,7 +52,10 @@ import msgpack
 from ..delivery import wire
 from .db import db_ct_id
 
-SCHEMA_HEADER = wire.HEADER[0]
+SCHEMA_HEADER = wire.HEADER_NAME
+# The header values this consumer reads, and the version each announces.
+_HEADER_VERSIONS = {wire.header_of(v)[1]: v for v in wire.READABLE_VERSIONS}
+_READS = " and ".join(str(v) for v in wire.READABLE_VERSIONS)
 EVENT_TYPES = ("CREATE", "UPDATE", "DESTROY")
 # Rows per lookup statement (3 parameters each; SQLite allows 32766).
 LOOKUP_CHUNK = 400
@@ -62,8 +71,10 @@ _FLOW_INTS = (
     ("initiatorOctets", _I63), ("responderOctets", _I63),
     ("flowStartMilliseconds", _I63), ("flowEndMilliseconds", _I63),
     ("missedEvents", 7), ("retries", 255),
-    ("tcpControlBitsInitiator", 255), ("tcpControlBitsResponder", 255),
 )
+# The same for the TCP flags, whose names depend on the version.
+_FLAG_INTS = {v: tuple((name, 255) for name in names)
+              for v, names in wire.TCP_FLAG_FIELDS.items()}
 _ADDRESSES = {4: ("sourceIPv4Address", "destinationIPv4Address", socket.AF_INET),
               6: ("sourceIPv6Address", "destinationIPv6Address", socket.AF_INET6)}
 
@@ -112,8 +123,14 @@ def check_record(rec) -> str | None:
     wire.validate (which costs ~0.5 ms a record): what the tables need."""
     if not isinstance(rec, dict):
         return f"a record is a msgpack map, got {type(rec).__name__}"
-    if rec.get("schemaVersion") != wire.SCHEMA_VERSION:
-        return f"schemaVersion {rec.get('schemaVersion')!r}, this consumer reads {wire.SCHEMA_VERSION}"
+    version = rec.get("schemaVersion")
+    if type(version) is not int or version not in wire.READABLE_VERSIONS:
+        return f"schemaVersion {version!r}, this consumer reads {_READS}"
+    obs = rec.get("observationTimeMilliseconds")
+    if obs is None and version >= 2:
+        return "observationTimeMilliseconds is required from schema version 2 on"
+    if obs is not None and not _uint(obs, _I63):
+        return "observationTimeMilliseconds must be an integer"
     etype = rec.get("eventType")
     node = rec.get("nodeId")
     if not isinstance(node, str) or not 1 <= len(node) <= 255:
@@ -134,12 +151,9 @@ def check_record(rec) -> str | None:
         return f"eventType {etype!r} is not one of CREATE, UPDATE, DESTROY, SNAPSHOT, LOST"
     if rec["ctId"] == 0:
         return "a flow record has a ctId other than 0"
-    for name, hi in _FLOW_INTS:
+    for name, hi in _FLOW_INTS + _FLAG_INTS[version]:
         if not _uint(rec.get(name), hi):
             return f"{name} must be an integer in 0..{hi}"
-    obs = rec.get("observationTimeMilliseconds")
-    if obs is not None and not _uint(obs, _I63):
-        return "observationTimeMilliseconds must be an integer"
     reason = rec.get("flowEndReason")
     if etype == "DESTROY" and not _uint(reason, 5):
         return "a DESTROY has an integer flowEndReason"
@@ -170,11 +184,16 @@ def family_of(rec: dict) -> int | None:
 
 
 def decode_message(headers, value) -> tuple[dict | None, str | None]:
-    """(record, None) or (None, why it is rejected)."""
+    """(record, None) or (None, why it is rejected). A schema header, when
+    there is one, must announce a version this consumer reads, and the one
+    the record says it is."""
+    announced = None
     for name, hv in headers or ():
-        if name == SCHEMA_HEADER and hv != wire.HEADER[1]:
-            shown = hv.decode(errors="replace") if isinstance(hv, bytes) else hv
-            return None, f"header {SCHEMA_HEADER}: {shown}, this consumer reads {wire.SCHEMA_VERSION}"
+        if name == SCHEMA_HEADER:
+            announced = _HEADER_VERSIONS.get(hv)
+            if announced is None:
+                shown = hv.decode(errors="replace") if isinstance(hv, bytes) else hv
+                return None, f"header {SCHEMA_HEADER}: {shown}, this consumer reads {_READS}"
     if value is None:
         return None, "empty record value"
     try:
@@ -183,9 +202,14 @@ def decode_message(headers, value) -> tuple[dict | None, str | None]:
             TypeError) as exc:
         return None, f"not a msgpack record: {exc}"
     why = check_record(rec)
+    if why is None and announced is not None and rec["schemaVersion"] != announced:
+        why = (f"header {SCHEMA_HEADER}: {announced}, but the record is schemaVersion "
+               f"{rec['schemaVersion']}")
     if why is None:
         return rec, None
-    if isinstance(rec, dict):
+    # The schema's words name the field, unless the version is one this
+    # consumer does not read: then check_record's reason says so.
+    if isinstance(rec, dict) and rec.get("schemaVersion") in _HEADER_VERSIONS.values():
         try:
             wire.validate(rec)
         except wire.WireError as exc:   # says which field, in the schema's words
@@ -276,8 +300,7 @@ def apply(cur, batch: _Prepared, offsets: Offsets, now_ms: int | None = None) ->
         ff = _flow_fields(rec, fam)
         flow_rows.append(key + ff + (
             rec["flowStartMilliseconds"], rec["flowEndMilliseconds"], rec["flowEndReason"],
-            rec["tcpState"], int(rec["assured"]), rec["tcpControlBitsInitiator"],
-            rec["tcpControlBitsResponder"], rec["retries"]))
+            rec["tcpState"], int(rec["assured"]), *wire.tcp_control_bits(rec), rec["retries"]))
         minute = rec["flowEndMilliseconds"] // 60_000 * 60_000
         rk = (minute, key[0], ff[2], ff[3], ff[1], ff[5])
         acc = rollups.setdefault(rk, [0, 0, 0, 0, 0])

@@ -1,12 +1,12 @@
 """Events as users see them: wall-clock times, addresses, names; one line of
-text in the manner of `conntrack -E`, or one JSON object."""
+text in the manner of `conntrack -E`. Their JSON form is their wire record
+(streamer/delivery/records.py), the same for every output."""
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from . import abi
 
@@ -118,15 +118,6 @@ class Event(Flow):
     def is_icmp(self) -> bool:
         return self.proto in ("icmp", "icmpv6")
 
-    def as_dict(self) -> dict:
-        d = {f: getattr(self, f) for f in _EVENT_KEYS}
-        if self.is_icmp:
-            d["id"] = self.sport
-        return d
-
-    def json(self) -> str:
-        return json.dumps(self.as_dict(), separators=(",", ":"))
-
     def text(self) -> str:
         parts = [f"[{self.type}]".ljust(10), flow_text(self)]
         if self.end_reason:
@@ -156,17 +147,6 @@ class LostReport:
     type: str = "LOST"
     totals: dict[str, int] | None = None  # the counters since the datapath was loaded
 
-    def as_dict(self) -> dict:
-        return {"type": self.type, "time_ms": self.time_ms, "interval_s": self.interval_s,
-                "lost": dict(self.lost)}
-
-    def json(self) -> str:
-        return json.dumps(self.as_dict(), separators=(",", ":"))
-
     def text(self) -> str:
         what = " ".join(f"{k}={v}" for k, v in self.lost.items())
         return f"{'[LOST]'.ljust(10)} {what} in the last {self.interval_s:.0f}s"
-
-
-# Event.as_dict's keys: the type first, then the rest in field order.
-_EVENT_KEYS = ("type",) + tuple(f.name for f in fields(Event) if f.name not in ("type", "ack_ref"))

@@ -302,7 +302,7 @@ class KafkaSink(Sink):
             if not recs:
                 return True
             try:
-                await self.producer.send([(r.key, r.value) for r in recs])
+                await self.producer.send([(r.key, r.value, r.time_ms) for r in recs])
             except KafkaUnavailable as exc:
                 self._lost_kafka(str(exc))
                 return False

@@ -1,4 +1,5 @@
-"""The Kafka producer: (key, value) records to one topic, idempotent, acks=all.
+"""The Kafka producer: (key, value, timestamp) records to one topic,
+idempotent, acks=all.
 
 `Producer.send(records)` returns when Kafka has acknowledged every record of
 the call, and raises KafkaUnavailable when it cannot say so within the
@@ -22,6 +23,13 @@ so calls fill batches in call order; a partition's batches go to aiokafka
 oldest first, and aiokafka never has two of a partition's batches in flight
 (a retried batch keeps its sequence number and its place). The events of one
 key therefore reach their partition in the order of the calls.
+
+Timestamps: each record's Kafka timestamp (CreateTime) is the one it comes
+with, the event's observationTimeMilliseconds, never the time of sending:
+records sent from the spool after an outage, or again by `ctstream replay`,
+keep the time of their event, so consumers' time-based seeks
+(offsets_for_times) find them where the events happened. The int is the
+one the caller's tuple holds already: nothing is made per record for it.
 
 Bounded: at most `max_in_flight_records` records are between send() and
 their acknowledgement; a call waits for room, in call order.
@@ -206,7 +214,7 @@ class Producer:
         self._start_lock = asyncio.Lock()
         self._order = asyncio.Lock()   # FIFO: calls enqueue in call order
         self._room = asyncio.Event()
-        self._header = [wire.HEADER]
+        self._headers = [wire.HEADER]
 
     @property
     def connected(self) -> bool:
@@ -275,19 +283,24 @@ class Producer:
             await asyncio.sleep(0.1)
 
     # ---- send -----------------------------------------------------------------
-    async def send(self, records: list[tuple]) -> None:
-        """Send records, each (key, value, ...) (what follows the value is
-        ignored: the Kafka sink passes (key, value, time_ms) as it keeps
-        them), each with the schema header; return when
-        Kafka acknowledged all of them (acks=all). KafkaUnavailable if not
-        within delivery_timeout_ms (then the producer is disconnected and
-        start() reconnects). Waits while max_in_flight_records would be
-        exceeded. A call larger than that bound goes out in parts."""
+    async def send(self, records: list[tuple[bytes, bytes, int]],
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Send records, each (key, value, timestamp_ms) as the Kafka sink
+        keeps them (the timestamp: the event's observationTimeMilliseconds),
+        each with `headers` (default: the schema header of
+        wire.SCHEMA_VERSION; replay passes an archived record's own); return
+        when Kafka acknowledged all of them (acks=all). KafkaUnavailable if
+        not within delivery_timeout_ms (then the producer is disconnected
+        and start() reconnects). WireError, before anything is queued, for
+        a record that is not such a tuple or does not fit a batch. Waits
+        while max_in_flight_records would be exceeded. A call larger than
+        that bound goes out in parts."""
         limit = self.settings.max_in_flight_records
+        headers = self._headers if headers is None else headers
         for i in range(0, len(records), limit):
-            await self._send_part(records[i:i + limit])
+            await self._send_part(records[i:i + limit], headers)
 
-    async def _send_part(self, records: list[tuple[bytes, bytes]]) -> None:
+    async def _send_part(self, records: list[tuple[bytes, bytes, int]], headers: list) -> None:
         if not records:
             return
         session = self._session
@@ -301,7 +314,7 @@ class Producer:
             async with asyncio.timeout_at(t0 + self.settings.delivery_timeout_ms / 1000):
                 async with self._order:
                     await self._wait_room(session, n)
-                    batches = self._append(session, records)
+                    batches = self._append(session, records, headers)
                 # asyncio.wait, not gather: a timeout must not cancel them.
                 await asyncio.wait([b.acked for b in batches])
             for b in batches:
@@ -330,28 +343,29 @@ class Producer:
 
     def _check_sizes(self, records) -> None:
         # A record must fit an empty batch (aiokafka would send it anyway and
-        # the broker reject it for good). Checked before any is queued.
+        # the broker reject it for good), and be a (key, value, timestamp)
+        # triple. Checked before any is queued: _append must not fail half way.
         room = self.settings.max_batch_bytes - 256
-        for record in records:
-            size = len(record[0]) + len(record[1])
-            if size > room:
-                raise wire.WireError(f"a record of {size} bytes does not fit in a batch of "
-                                     f"max_batch_bytes {self.settings.max_batch_bytes}")
+        try:
+            for key, value, _ts in records:
+                size = len(key) + len(value)
+                if size > room:
+                    raise wire.WireError(f"a record of {size} bytes does not fit in a batch of "
+                                         f"max_batch_bytes {self.settings.max_batch_bytes}")
+        except (TypeError, ValueError) as exc:
+            raise wire.WireError(f"records are (key, value, timestamp_ms) tuples: {exc}") from exc
 
-    def _append(self, session: _Session, records) -> set[_Batch]:
+    def _append(self, session: _Session, records, header: list) -> set[_Batch]:
         """Add the records to their partitions' open batches, in call order;
         the batches that hold them. No await: calls cannot interleave."""
         parts = session.partitions
         count = len(parts)
         queues = session.queues
-        header = self._header
         loop = asyncio.get_running_loop()
-        ts = time.time_ns() // 1_000_000
         used: dict[int, _Batch] = {}
         touched = set()
         self.in_flight += len(records)
-        for record in records:
-            key, value = record[0], record[1]
+        for key, value, ts in records:
             p = parts[(murmur2(key) & 0x7FFFFFFF) % count]
             batch = used.get(p)
             if batch is None:

@@ -1,5 +1,7 @@
-"""Conntrack events as wire records (schemas/ctstream-event.v1.json) and
-their Kafka message keys.
+"""Conntrack events as wire records (schemas/ctstream-event.v2.json) and
+their Kafka message keys. The same records, as JSON, are what `ctstream
+events -o json` and its jsonl sink write (sink_record, wire.to_json): one
+vocabulary for every output.
 
 This is the daemon's hot path (100k+ records/s): records are built as dict
 literals and never validated here. tests/unit/test_records.py validates what
@@ -20,7 +22,8 @@ from ..errors import ConfigError
 from ..datapath.events import Clock, Event, LostReport
 from .wire import SCHEMA_VERSION, WireError, encode
 
-# events.Event names the kernel's CREATE "NEW", as conntrack -E does.
+# events.Event names the kernel's CREATE "NEW", as conntrack -E does (its
+# text lines keep that word; records say CREATE).
 EVENT_TYPES = {"NEW": "CREATE", "CREATE": "CREATE", "UPDATE": "UPDATE",
                "DESTROY": "DESTROY", "SNAPSHOT": "SNAPSHOT"}
 
@@ -46,8 +49,10 @@ RAW_END_REASONS = {abi.END_IDLE: 1, abi.END_FIN: 3, abi.END_RST: 3, abi.END_REUS
 LOST_COUNTERS = ("ring_full", "table_full", "untracked_packets", "untracked_bytes",
                  "early_drops", "destroy_retries")
 
-# events.Event does not carry the kernel's per-direction TCP flags yet
-# (abi.RawEvent does). Until it does, records say 0, as for other protocols.
+# TCP flags per direction are IPFIX tcpControlBits (the initiator's) and RFC
+# 5103's reverseTcpControlBits (the responder's), 0 for other protocols. The
+# dicts below spell every key out: a literal with constant keys is the
+# fastest way CPython builds one.
 
 
 def check_node_id(node_id: str) -> str:
@@ -98,8 +103,8 @@ def record_of(ev: Event, node_id: str) -> dict:
         "flowEndReason": end_reason,
         "missedEvents": ev.missed,
         "retries": ev.retries,
-        "tcpControlBitsInitiator": ev.tcp_flags_orig,
-        "tcpControlBitsResponder": ev.tcp_flags_reply,
+        "tcpControlBits": ev.tcp_flags_orig,
+        "reverseTcpControlBits": ev.tcp_flags_reply,
     }
     if ev.family == 4:
         record["sourceIPv4Address"] = ev.src
@@ -143,8 +148,8 @@ def record_of_raw(r: abi.RawEvent, clock: Clock, node_id: str) -> dict:
         if event_type == "DESTROY" else None,
         "missedEvents": r.missed,
         "retries": r.retries,
-        "tcpControlBitsInitiator": r.tcp_flags_orig if tcp else 0,
-        "tcpControlBitsResponder": r.tcp_flags_reply if tcp else 0,
+        "tcpControlBits": r.tcp_flags_orig if tcp else 0,
+        "reverseTcpControlBits": r.tcp_flags_reply if tcp else 0,
     }
     if r.family == 4:
         record["sourceIPv4Address"] = socket.inet_ntop(socket.AF_INET, r.saddr)
@@ -171,10 +176,11 @@ def lost_record(rep: LostReport, node_id: str, *, seq: int | None = None) -> dic
     """The wire record of a LOST report.
 
     The schema promises counters that are cumulative since the datapath was
-    loaded (so a duplicate or a missing LOST record does no harm): `rep.lost`
-    must hold the datapath's totals (table.read_counters), not the growth
-    since the last report that the text sinks show. Counters the report does
-    not name are 0; extra counters (outbox_full, ...) are kept.
+    loaded (so a duplicate or a missing LOST record does no harm): they are
+    `rep.totals` (table.read_counters) when the report has them, else
+    `rep.lost`, which must then hold such totals, not the growth since the
+    last report that the text lines show. Counters the report does not name
+    are 0; extra counters (outbox_full, ...) are kept.
 
     `seq` defaults to the report's time in whole seconds since the epoch: it
     grows from one report to the next also across daemon restarts, so the
@@ -183,7 +189,7 @@ def lost_record(rep: LostReport, node_id: str, *, seq: int | None = None) -> dic
     Reports less than a second apart need an explicit seq.
     """
     lost = dict.fromkeys(LOST_COUNTERS, 0)
-    lost.update(rep.lost)
+    lost.update(rep.lost if rep.totals is None else rep.totals)
     return {
         "schemaVersion": SCHEMA_VERSION,
         "eventType": "LOST",
@@ -195,6 +201,13 @@ def lost_record(rep: LostReport, node_id: str, *, seq: int | None = None) -> dic
     }
 
 
+def sink_record(item: Event | LostReport, node_id: str) -> dict:
+    """The record of what a sink is handed: an event or a LOST report."""
+    if isinstance(item, LostReport):
+        return lost_record(item, node_id)
+    return record_of(item, node_id)
+
+
 def message_key(record: dict) -> bytes:
     """The Kafka message key of a record: b"<nodeId>/<ctId>". Every event of
     one connection has the same key; LOST records have b"<nodeId>/0"."""
@@ -202,6 +215,7 @@ def message_key(record: dict) -> bytes:
 
 
 def encode_event(ev: Event, node_id: str) -> tuple[bytes, bytes]:
-    """(key, value) of one event, ready for producer.Producer.send."""
+    """(key, value) of one event; producer.Producer.send takes them with
+    the event's time_ms, its Kafka timestamp, as a third element."""
     record = record_of(ev, node_id)
     return f"{node_id}/{ev.ct_id}".encode(), encode(record)

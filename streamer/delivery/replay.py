@@ -4,7 +4,11 @@
   whose observation time lies in [from, to), in the order Kafka first
   acknowledged them, re-published byte for byte: same key, same value, so
   the same dedupe key (nodeId, ctId, seq) and the same partition of a topic
-  with as many partitions. A consumer that dedupes stays exactly once;
+  with as many partitions; same timestamp (the archive keeps each record's
+  observationTimeMilliseconds beside it, which is what the daemon gave Kafka
+  as its CreateTime); same schema header (the version read from the value:
+  records archived before an upgrade go out as what they are). A consumer
+  that dedupes stays exactly once;
   replaying a range twice does no harm. `--ct-id` and `--node-id` narrow it
   down by the record key (b"<nodeId>/<ctId>"), without decoding values.
 - `--snapshot`: one SNAPSHOT record per live connection of the pinned table
@@ -27,6 +31,7 @@ import sys
 import time
 
 from ..errors import ConfigError, StreamerError
+from . import wire
 
 CONNECT_TIMEOUT_S = 10.0
 SEND_CHUNK = 10_000          # records per Producer.send call
@@ -110,25 +115,57 @@ def _iso(ms: int) -> str:
 
 # ---------------------------------------------------------------- Kafka
 
+# The Kafka headers a record of each readable schema version goes out with;
+# a value of no version ctstream reads goes out without one.
+_HEADERS = {v: [wire.header_of(v)] for v in wire.READABLE_VERSIONS}
+_NO_HEADERS: list = []
+
+
+def version_runs(batch, keep=None) -> list[tuple[list, list]]:
+    """The archived (key, value, time_ms) records of a batch that `keep` (a
+    key predicate, or None) lets through, as runs of consecutive records of
+    one schema version: [(headers, records)], in archive order."""
+    runs: list[tuple[list, list]] = []
+    headers = run = None
+    version_of = wire.version_of
+    for rec in batch:
+        if keep is not None and not keep(rec[0]):
+            continue
+        h = _HEADERS.get(version_of(rec[1]), _NO_HEADERS)
+        if h is not headers:
+            headers, run = h, []
+            runs.append((h, run))
+        run.append(rec)
+    return runs
+
+
 class _Sender:
-    """Producer.send calls of SEND_CHUNK records, up to SENDS_IN_FLIGHT at a
-    time; `acked` counts the records of the calls Kafka acknowledged (calls
-    complete in order: the producer keeps call order per partition)."""
+    """Producer.send calls of SEND_CHUNK records (key, value, timestamp_ms)
+    that share their headers, up to SENDS_IN_FLIGHT at a time; `acked`
+    counts the records of the calls Kafka acknowledged (calls complete in
+    order: the producer keeps call order per partition, so records that
+    change version mid-way keep their order too)."""
 
     def __init__(self, producer):
         self.producer = producer
         self.acked = 0
-        self._chunk: list[tuple[bytes, bytes]] = []
+        self._chunk: list[tuple[bytes, bytes, int]] = []
+        self._headers: list | None = None      # those of the records in _chunk
         self._calls: collections.deque[tuple[asyncio.Task, int]] = collections.deque()
 
-    async def add(self, records) -> None:
+    async def add(self, records, headers: list | None = None) -> None:
+        if headers is not self._headers and self._chunk:
+            part, self._chunk = self._chunk, []
+            await self._call(part)
+        self._headers = headers
         self._chunk.extend(records)
         while len(self._chunk) >= SEND_CHUNK:
             part, self._chunk = self._chunk[:SEND_CHUNK], self._chunk[SEND_CHUNK:]
             await self._call(part)
 
     async def _call(self, part: list) -> None:
-        self._calls.append((asyncio.ensure_future(self.producer.send(part)), len(part)))
+        send = self.producer.send(part, self._headers)
+        self._calls.append((asyncio.ensure_future(send), len(part)))
         while len(self._calls) >= SENDS_IN_FLIGHT or (self._calls and self._calls[0][0].done()):
             await self._settle_oldest()
 
@@ -141,7 +178,8 @@ class _Sender:
     async def flush(self) -> None:
         if self._chunk:
             part, self._chunk = self._chunk, []
-            self._calls.append((asyncio.ensure_future(self.producer.send(part)), len(part)))
+            send = self.producer.send(part, self._headers)
+            self._calls.append((asyncio.ensure_future(send), len(part)))
         while self._calls:
             await self._settle_oldest()
 
@@ -228,10 +266,8 @@ async def _replay(a, settings, reader) -> int:
     try:
         for batch in reader.batches():
             in_range += len(batch)
-            if keep is None:
-                await sender.add([(k, v) for k, v, _t in batch])
-            else:
-                await sender.add([(k, v) for k, v, _t in batch if keep(k)])
+            for headers, run in version_runs(batch, keep):
+                await sender.add(run, headers)
             progress.update(sender.acked, reader.scanned_bytes, reader.total_bytes)
             await asyncio.sleep(0)       # let the producer's tasks run between frames
         await sender.flush()
@@ -266,8 +302,8 @@ def _report_problems(problems: list[str]) -> None:
 
 # ---------------------------------------------------------------- snapshot
 
-def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes]]:
-    """(key, value) of one SNAPSHOT record per live connection of a
+def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, timestamp_ms) of one SNAPSHOT record per live connection of a
     PinnedTable (entries in the outbox are ended: they have their DESTROY).
     The fields are records.record_of's; seq is the entry's seq as
     `ctstream list` shows it (the seq its next event will carry); the times
@@ -298,7 +334,7 @@ def snapshot_records(table, node_id: str, clock=None) -> list[tuple[bytes, bytes
             tcp_flags_orig=(status_seq >> 16) & 0xFF if tcp else 0,
             tcp_flags_reply=(status_seq >> 24) & 0xFF if tcp else 0)
         rec = record_of(ev, node_id)
-        out.append((message_key(rec), encode(rec)))
+        out.append((message_key(rec), encode(rec), now_ms))
     return out
 
 

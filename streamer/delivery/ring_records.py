@@ -77,8 +77,8 @@ _FIXED = (
     ("flowEndMilliseconds", "(last_ns + off) // 1_000_000", "Q"),
     ("missedEvents", "missed"),
     ("retries", "retries"),
-    ("tcpControlBitsInitiator", "tcp_flags_orig"),     # 0 unless TCP (encode)
-    ("tcpControlBitsResponder", "tcp_flags_reply"),
+    ("tcpControlBits", "tcp_flags_orig"),              # 0 unless TCP (encode)
+    ("reverseTcpControlBits", "tcp_flags_reply"),
 )
 
 

@@ -7,11 +7,14 @@ Everything it creates is removed when it ends, also on Ctrl-C or error."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 from ..datapath.config import DatapathConfig, Timeouts
 from ..daemon import Session, Target, install_signal_handlers
 from ..datapath.events import Event
+from ..delivery.records import record_of
+from ..delivery.wire import to_json
 
 # Short timeouts so that every flow ends, and shows its DESTROY, within the demo.
 DEMO_TIMEOUTS = Timeouts(syn=5, established=5, fin=2, udp=3, icmp=2, other=3)
@@ -41,12 +44,13 @@ async def run_demo(pin_dir: str, output: str = "text") -> int:
     install_signal_handlers(stop)
     destroyed: dict[tuple, Event] = {}
     counts = {"NEW": 0, "UPDATE": 0, "DESTROY": 0}
+    node = socket.gethostname()     # -o json: the wire records, as `events -o json` writes them
 
     def on_event(ev: Event) -> None:
         counts[ev.type] += 1
         if ev.type == "DESTROY":
             destroyed[_key(ev.family, ev.proto, ev.src, ev.dst, ev.sport, ev.dport)] = ev
-        print(ev.json() if output == "json" else ev.text(), flush=True)
+        print(to_json(record_of(ev, node)) if output == "json" else ev.text(), flush=True)
 
     def say(msg: str) -> None:
         print(f"--- {msg}", file=sys.stderr, flush=True)

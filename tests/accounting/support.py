@@ -104,12 +104,15 @@ def lost(node: str, seq: int, **counters) -> dict:
     return wire.validate(records.lost_record(rep, node, seq=seq))
 
 
-def encoded(recs: list[dict]) -> list[tuple[bytes, bytes]]:
-    return [(records.message_key(r), wire.encode(r)) for r in recs]
+def encoded(recs: list[dict]) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, timestamp) of records, as Producer.send takes them: the
+    Kafka timestamp is the record's observation time, as the daemon sends it."""
+    return [(records.message_key(r), wire.encode(r), r["observationTimeMilliseconds"])
+            for r in recs]
 
 
-async def produce(bootstrap: str, topic: str, pairs: list[tuple[bytes, bytes]]) -> None:
-    """Send (key, value) pairs with the project's producer (acks=all)."""
+async def produce(bootstrap: str, topic: str, pairs: list[tuple[bytes, bytes, int]]) -> None:
+    """Send (key, value, timestamp) records with the project's producer (acks=all)."""
     producer = Producer(KafkaSettings(bootstrap=bootstrap, topic=topic))
     await producer.start(timeout_s=30)
     try:

@@ -126,7 +126,7 @@ def test_bad_records_are_kept_apart_and_the_batch_goes_on(feed, db_url):
     del no_ports["sourceTransportPort"]
     msgs = (feed.messages([good.event(0)])
             + feed.messages([b"\xc1 not msgpack"])
-            + feed.messages([good.event(1)], headers=[("ctstream-schema", b"2")])
+            + feed.messages([good.event(1)], headers=[("ctstream-schema", b"3")])
             + feed.messages([msgpack.packb([1, 2, 3])])
             + feed.messages([no_ports])
             + feed.messages([good.event(1), good.event(2)]))
@@ -135,7 +135,7 @@ def test_bad_records_are_kept_apart_and_the_batch_goes_on(feed, db_url):
     reasons = dict(query(db_url, "SELECT koffset, reason FROM rejected_records"))
     assert sorted(reasons) == [1, 2, 3, 4]
     assert "msgpack" in reasons[1]
-    assert "ctstream-schema: 2" in reasons[2]
+    assert "ctstream-schema: 3" in reasons[2]
     assert "msgpack map" in reasons[3]
     assert "sourceTransportPort" in reasons[4]
     assert query(db_url, "SELECT next_offset FROM kafka_offsets") == [(7,)]
@@ -165,3 +165,69 @@ def test_a_failed_transaction_leaves_neither_rows_nor_offsets(feed, db_url):
     res = feed.apply(messages=msgs)
     assert res.flows == 1
     assert query(db_url, "SELECT kpartition, next_offset FROM kafka_offsets") == [(0, 3)]
+
+
+# ---- schema versions ----------------------------------------------------------------
+
+V1_FLAGS = {"tcpControlBits": "tcpControlBitsInitiator",
+            "reverseTcpControlBits": "tcpControlBitsResponder"}
+
+
+def as_v1(rec: dict, keep_time: bool = True) -> dict:
+    """A record as a ctstream of schema version 1 wrote it: the old flag
+    names, observationTimeMilliseconds optional (left out unless keep_time)."""
+    old = {V1_FLAGS.get(k, k): v for k, v in rec.items()}
+    old["schemaVersion"] = 1
+    if not keep_time:
+        old.pop("observationTimeMilliseconds")
+    assert "tcpControlBits" not in old and "tcpControlBitsInitiator" in old
+    return wire.validate(old)          # against ctstream-event.v1.json
+
+
+def test_v1_and_v2_records_are_both_accounted(feed, db_url):
+    """A topic written across an upgrade: v1 records (their flag names, no
+    observation time) and v2 ones make the same rows, the TCP flags of both
+    land in the flow table, and a connection begun under v1 ends under v2."""
+    old, new, across = flow(1), flow(2), flow(3, events=4)
+    flags = {"tcpControlBits": 0x1B, "reverseTcpControlBits": 0x13}
+    v1_header, v2_header = [wire.header_of(1)], [wire.header_of(2)]
+    msgs = (feed.messages([as_v1(old.event(s, **flags), keep_time=s != 1) for s in range(3)],
+                          headers=v1_header)
+            + feed.messages([new.event(s, **flags) for s in range(3)], headers=v2_header)
+            + feed.messages([as_v1(across.event(s)) for s in range(2)], headers=v1_header)
+            + feed.messages([across.event(s, tcpControlBits=0x02) for s in range(2, 4)]))
+    res = feed.apply(messages=msgs)
+    assert (res.records, res.rejected, res.events, res.flows) == (10, 0, 10, 3)
+    check_exactly(db_url, [old, new, across], events_applied=10)
+    rows = dict(((ct, (fo, fr)) for ct, fo, fr in query(
+        db_url, "SELECT ct_id, tcp_flags_orig, tcp_flags_reply FROM flows")))
+    assert rows == {old.ct_id: (0x1B, 0x13), new.ct_id: (0x1B, 0x13), across.ct_id: (0x02, 0)}
+    # Each event once, whatever its version: v1 copies of v2 events are duplicates.
+    res = feed.apply(messages=feed.messages([as_v1(new.event(2, **flags))], headers=v1_header))
+    assert (res.duplicates, res.flows) == (1, 0)
+
+
+@pytest.mark.parametrize("headers, rec, reason", [
+    pytest.param([wire.header_of(1)], lambda f: f.event(2), "header ctstream-schema: 1, but the "
+                 "record is schemaVersion 2", id="v2-record-under-a-v1-header"),
+    pytest.param([wire.header_of(2)], lambda f: as_v1(f.event(2)), "header ctstream-schema: 2, "
+                 "but the record is schemaVersion 1", id="v1-record-under-a-v2-header"),
+    pytest.param([], lambda f: dict(f.event(2), schemaVersion=3), "schemaVersion 3, this "
+                 "consumer reads 1 and 2", id="unknown-version"),
+    pytest.param([], lambda f: {k: v for k, v in f.event(2).items()
+                                if k != "observationTimeMilliseconds"},
+                 "observationTimeMilliseconds", id="v2-without-time"),
+    pytest.param([], lambda f: {k: v for k, v in f.event(2).items() if k != "tcpControlBits"},
+                 "tcpControlBits", id="v2-without-flags"),
+    pytest.param([], lambda f: {k: v for k, v in as_v1(f.event(2)).items()
+                                if k != "tcpControlBitsResponder"},
+                 "tcpControlBitsResponder", id="v1-without-flags"),
+    pytest.param([], lambda f: dict(as_v1(f.event(2)), tcpControlBitsInitiator=256),
+                 "tcpControlBitsInitiator", id="v1-flags-too-big"),
+])
+def test_records_of_the_wrong_version_or_names_are_rejected(feed, db_url, headers, rec, reason):
+    f = flow(4)
+    res = feed.apply(messages=feed.messages([rec(f)], headers=headers))
+    assert (res.rejected, res.events, res.flows) == (1, 0, 0)
+    (got,) = query(db_url, "SELECT reason FROM rejected_records")
+    assert reason in got[0], got[0]

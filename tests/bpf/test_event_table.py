@@ -79,5 +79,5 @@ def test_both_decoders_read_what_bpf_wrote(roundtrip, family, proto):
     assert (etype, missed, retries) == (EXPECTED["type"], EXPECTED["missed"], EXPECTED["retries"])
     if proto == 6:
         assert record["tcpState"] == "LAST_ACK"
-        assert (record["tcpControlBitsInitiator"], record["tcpControlBitsResponder"]) == \
+        assert (record["tcpControlBits"], record["reverseTcpControlBits"]) == \
             (EXPECTED["tcp_flags_orig"], EXPECTED["tcp_flags_reply"])

@@ -9,12 +9,13 @@ test-bed pair and a real broker, and what ends up in the topic.
   the test may stop and start again; always stopped at the end.
 - `read_topic`: every record of a topic from the beginning to its end
   offsets, each decoded with streamer.delivery.wire.decode and validated with
-  streamer.delivery.wire.validate, its header, key and partition checked.
+  streamer.delivery.wire.validate, its header, key, partition and timestamp
+  (CreateTime, the record's observationTimeMilliseconds) checked.
 - `TopicContents`, `check_topic`, `check_tcp_connections`,
   `check_udp_exchange`, `check_missed_bits`: records grouped by connection,
   DESTROYs compared with the traffic generator's list of connections and
   with the kernel's own nf_conntrack counters, as test_reliability does with
-  the jsonl sink, here in the wire format's IPFIX terms;
+  the jsonl sink (the same records, read with tests/wire_records.py);
   `check_partition_order` (part of check_topic): each connection's events
   in its partition's offset order, unsorted.
 - `spool_frames`: an independent reader of spool segment files (the format
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import json
 import os
 import struct
@@ -49,16 +49,10 @@ from streamer.delivery.records import message_key
 from tests.kafka.conftest import Broker, broker_pids, free_port_pair, kafka_sh, stop_and_check
 from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove
 from tests.netns.test_reliability import GRACE, MIN_HEADERS, TIMEOUTS, Daemon
+from tests.wire_records import (COUNTERS, END_OF_FLOW, IDLE_TIMEOUT, KERNEL_COUNTERS, flow_key,
+                                same_event)
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-COUNTERS = ("initiatorPackets", "initiatorOctets", "responderPackets", "responderOctets")
-# KernelFlow's names of the same counters, in the same order.
-KERNEL_COUNTERS = ("packets_orig", "bytes_orig", "packets_reply", "bytes_reply")
-# What may differ between two copies of one event (same nodeId, ctId, seq):
-# when and how often it was sent, and which earlier losses it carried.
-COPY_MAY_DIFFER = {"observationTimeMilliseconds", "retries", "missedEvents"}
-END_OF_FLOW = 3         # IPFIX flowEndReason endOfFlowDetected (a FIN)
-IDLE_TIMEOUT = 1        # IPFIX flowEndReason idleTimeout
+CREATE_TIME = 0         # aiokafka's timestamp_type of a producer-set timestamp
 # The kernel's conntrack in the server namespace keeps ended TCP
 # connections (TIME_WAIT, default 120 s) and UDP flows (default 30 s) this
 # long, so that it still lists every flow of a long test when the comparison
@@ -227,6 +221,8 @@ class Message:
     key: bytes
     value: bytes
     record: dict
+    timestamp: int | None = None        # as read from Kafka (None: made by a test)
+    timestamp_type: int | None = None
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 90) -> list[Message]:
@@ -241,7 +237,11 @@ def read_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 90)
         except wire.WireError as exc:
             bad.append(f"p{m.partition}@{m.offset}: {exc}")
             continue
-        if m.key != message_key(m.record):
+        if (m.timestamp_type, m.timestamp) != (CREATE_TIME, m.record["observationTimeMilliseconds"]):
+            bad.append(f"p{m.partition}@{m.offset}: timestamp {m.timestamp} (type "
+                       f"{m.timestamp_type}) is not the event's, CreateTime "
+                       f"{m.record['observationTimeMilliseconds']}")
+        elif m.key != message_key(m.record):
             bad.append(f"p{m.partition}@{m.offset}: key {m.key!r} is not {message_key(m.record)!r}")
         elif m.partition != partition_of(m.key, partitions):
             bad.append(f"p{m.partition}@{m.offset}: key {m.key!r} belongs in partition "
@@ -280,25 +280,14 @@ async def _read_topic(bootstrap: str, topic: str, partitions: int, timeout: floa
                             record = wire.decode(m.value)
                         except wire.WireError as exc:
                             raise AssertionError(f"p{tp.partition}@{m.offset}: {exc}") from None
-                        out.append(Message(tp.partition, m.offset, m.key, m.value, record))
+                        out.append(Message(tp.partition, m.offset, m.key, m.value, record,
+                                           m.timestamp, m.timestamp_type))
                 for tp in list(todo):
                     if await consumer.position(tp) >= ends[tp]:
                         todo.discard(tp)
     finally:
         await consumer.stop()
     return out
-
-
-def flow_key(record: dict) -> tuple:
-    """A flow record's original-direction tuple, shaped as
-    test_reliability.key() shapes a KernelFlow's."""
-    if "sourceIPv4Address" in record:
-        family, src, dst = 4, record["sourceIPv4Address"], record["destinationIPv4Address"]
-    else:
-        family, src, dst = 6, record["sourceIPv6Address"], record["destinationIPv6Address"]
-    proto = PROTO_NAMES.get(record["protocolIdentifier"], str(record["protocolIdentifier"]))
-    return (family, proto, str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)),
-            record["sourceTransportPort"], record["destinationTransportPort"])
 
 
 @dataclass
@@ -326,11 +315,6 @@ class TopicContents:
             if m.record["eventType"] == "DESTROY":
                 out[flow_key(m.record)].append(m.record)
         return out
-
-
-def same_event(a: dict, b: dict) -> bool:
-    return ({k: v for k, v in a.items() if k not in COPY_MAY_DIFFER}
-            == {k: v for k, v in b.items() if k not in COPY_MAY_DIFFER})
 
 
 def check_partition_order(topic: TopicContents) -> dict:

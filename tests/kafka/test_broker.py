@@ -20,6 +20,7 @@ pytestmark = pytest.mark.kafka
 
 NODE = "node-a"
 CT_BASE = 1_763_800_000_000_000_000
+T0 = int(time.time() * 1000) - 3_600_000     # event times an hour ago
 
 
 def make_records(connections: int, lost_reports: int) -> list[dict]:
@@ -33,8 +34,8 @@ def make_records(connections: int, lost_reports: int) -> list[dict]:
             "sourceTransportPort": 10_000 + i, "destinationTransportPort": 443,
             "protocolIdentifier": 6 if i % 3 else 17, "vlanId": i % 4096,
             "assured": True, "missedEvents": 0, "retries": 0,
-            "tcpControlBitsInitiator": 0x12, "tcpControlBitsResponder": 0x12,
-            "flowStartMilliseconds": 1_763_800_000_000 + i,
+            "tcpControlBits": 0x12, "reverseTcpControlBits": 0x12,
+            "flowStartMilliseconds": T0 + i,
         }
         if family == 4:
             base |= {"sourceIPv4Address": f"198.18.{i // 250}.{i % 250 + 1}",
@@ -48,12 +49,13 @@ def make_records(connections: int, lost_reports: int) -> list[dict]:
                 "initiatorPackets": seq * 10, "responderPackets": seq * 9,
                 "initiatorOctets": seq * 1_500 + i, "responderOctets": seq * 64_000 + i,
                 "flowEndMilliseconds": base["flowStartMilliseconds"] + seq * 1_000,
+                "observationTimeMilliseconds": base["flowStartMilliseconds"] + seq * 1_000,
                 "flowEndReason": (1 + i % 5) if event_type == "DESTROY" else None,
             })
     for n in range(1, lost_reports + 1):
         records.append({
             "schemaVersion": wire.SCHEMA_VERSION, "eventType": "LOST", "nodeId": NODE,
-            "ctId": 0, "seq": n,
+            "ctId": 0, "seq": n, "observationTimeMilliseconds": T0 + n * 10_000,
             "lost": {"ring_full": n, "table_full": 0, "untracked_packets": 2 * n,
                      "untracked_bytes": 128 * n, "early_drops": 0, "destroy_retries": n},
         })

@@ -347,7 +347,7 @@ def _event(ct_id: int, seq: int, **changes) -> dict:
     its CREATE, 1 and 2 UPDATEs, 3 its DESTROY; counters grow with seq."""
     destroy = seq == 3
     record = {
-        "schemaVersion": 1, "eventType": TYPES.get(seq, "UPDATE"), "nodeId": "n",
+        "schemaVersion": 2, "eventType": TYPES.get(seq, "UPDATE"), "nodeId": "n",
         "ctId": ct_id, "seq": seq, "observationTimeMilliseconds": 1_000 + seq,
         "sourceIPv4Address": "198.18.31.1", "destinationIPv4Address": "198.18.31.2",
         "sourceTransportPort": 40_000 + ct_id, "destinationTransportPort": TCP_PORT,
@@ -356,7 +356,7 @@ def _event(ct_id: int, seq: int, **changes) -> dict:
         "initiatorOctets": 60 * (1 + seq), "responderOctets": 60 * seq,
         "flowStartMilliseconds": 900, "flowEndMilliseconds": 950 + seq,
         "flowEndReason": 3 if destroy else None, "missedEvents": 0, "retries": 0,
-        "tcpControlBitsInitiator": 0, "tcpControlBitsResponder": 0,
+        "tcpControlBits": 0, "reverseTcpControlBits": 0,
     }
     return record | changes
 

@@ -531,7 +531,7 @@ def _record(ct_id: int, seq: int, sport: int, **changes) -> dict:
     seq 1 the DESTROY of a connection closed by FIN."""
     destroy = seq == 1
     record = {
-        "schemaVersion": 1, "eventType": "DESTROY" if destroy else "CREATE", "nodeId": "n",
+        "schemaVersion": 2, "eventType": "DESTROY" if destroy else "CREATE", "nodeId": "n",
         "ctId": ct_id, "seq": seq, "observationTimeMilliseconds": 1_000 + seq,
         "sourceIPv4Address": "198.18.7.1", "destinationIPv4Address": "198.18.7.2",
         "sourceTransportPort": sport, "destinationTransportPort": TCP_PORT,
@@ -540,7 +540,7 @@ def _record(ct_id: int, seq: int, sport: int, **changes) -> dict:
         "responderPackets": 4 if destroy else 0, "initiatorOctets": 336 if destroy else 60,
         "responderOctets": 232 if destroy else 0, "flowStartMilliseconds": 900,
         "flowEndMilliseconds": 950, "flowEndReason": 3 if destroy else None,
-        "missedEvents": 0, "retries": 0, "tcpControlBitsInitiator": 0, "tcpControlBitsResponder": 0,
+        "missedEvents": 0, "retries": 0, "tcpControlBits": 0, "reverseTcpControlBits": 0,
     }
     return record | changes
 

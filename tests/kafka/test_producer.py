@@ -1,7 +1,8 @@
 """streamer.delivery.producer against the real broker from scripts/kafka.sh: what is
 sent comes back valid, in order per connection, on the partition the Java
-client would pick; the in-flight bound holds; bad input and a broker that
-goes away end in clear errors within bounded time."""
+client would pick, with each record's own timestamp (CreateTime); the
+in-flight bound holds; bad input and a broker that goes away end in clear
+errors within bounded time."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ pytestmark = pytest.mark.kafka
 NODE = "gw-test"
 CT_BASE = 1_763_800_000_000_000_000
 TYPES = ("NEW", "UPDATE", "UPDATE", "DESTROY")
+# Event times an hour ago: records keep them as their Kafka timestamps, and
+# the broker's retention (7 days) must not delete them while a test runs.
+T0 = int(time.time() * 1000) - 3_600_000
 
 
 def flow_event(i: int, seq: int) -> Event:
@@ -36,7 +40,7 @@ def flow_event(i: int, seq: int) -> Event:
     family = 6 if kind == 1 else 4
     proto, state = (("tcp", "ESTABLISHED"), ("udp", None), ("icmp", None))[kind]
     etype = TYPES[seq - 1]
-    t0 = 1_763_800_000_000 + i
+    t0 = T0 + i
     return Event(
         type=etype, family=family, proto=proto,
         src=f"2001:2::{i % 65535 + 1:x}" if family == 6 else f"198.18.{i // 250 % 256}.{i % 250 + 1}",
@@ -48,8 +52,12 @@ def flow_event(i: int, seq: int) -> Event:
         end_reason="fin" if etype == "DESTROY" else None, missed=0)
 
 
-def encoded(record: dict) -> tuple[bytes, bytes]:
-    return records.message_key(record), wire.encode(record)
+def encoded(record: dict) -> tuple[bytes, bytes, int]:
+    return records.message_key(record), wire.encode(record), record["observationTimeMilliseconds"]
+
+
+def with_time(ev: Event) -> tuple[bytes, bytes, int]:
+    return (*records.encode_event(ev, NODE), ev.time_ms)
 
 
 async def consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 60) -> list:
@@ -89,7 +97,7 @@ async def test_records_come_back_valid_and_in_order(kafka_broker):
     for seq in range(1, len(TYPES) + 1):
         batch = [encoded(records.record_of(flow_event(i, seq), NODE)) for i in range(connections)]
         calls += [batch[j:j + 700] for j in range(0, len(batch), 700)]
-    lost = [records.lost_record(LostReport(1_763_800_000_000 + n * 10_000, 10.0, {"ring_full": n}),
+    lost = [records.lost_record(LostReport(T0 + n * 10_000, 10.0, {"ring_full": n}),
                                 NODE) for n in range(1, 4)]
     calls.append([encoded(r) for r in lost])
     total = sum(len(c) for c in calls)
@@ -111,6 +119,10 @@ async def test_records_come_back_valid_and_in_order(kafka_broker):
         assert message.headers == ((wire.HEADER[0], wire.HEADER[1]),)
         record = wire.validate(wire.decode(message.value))
         assert message.key == records.message_key(record)
+        # The event's time, not the time of sending (records of one call,
+        # one batch, have times seconds apart).
+        assert message.timestamp_type == 0, "not CreateTime"
+        assert message.timestamp == record["observationTimeMilliseconds"]
         assert message.partition == partition_of(message.key, partitions)  # as Java maps keys
         seen_partitions.add(message.partition)
         if record["eventType"] != "LOST":
@@ -139,7 +151,7 @@ async def test_in_flight_bound_holds(kafka_broker):
     values = []
     for i in range(60_000):
         ev.ct_id = CT_BASE + i
-        values.append(records.encode_event(ev, NODE))
+        values.append(with_time(ev))
     sampler = asyncio.create_task(sample())
     try:
         async with asyncio.timeout(90):
@@ -243,7 +255,7 @@ async def test_broker_stopped_while_sending(tmp_path):
                 for _ in range(1_000):
                     ev.ct_id = CT_BASE + i
                     i += 1
-                    batch.append(records.encode_event(ev, NODE))
+                    batch.append(with_time(ev))
                 await producer.send(batch)
                 sent_calls += 1
 
@@ -264,7 +276,7 @@ async def test_broker_stopped_while_sending(tmp_path):
         assert not producer.connected and producer.in_flight == 0
         t0 = time.monotonic()
         with pytest.raises(KafkaUnavailable, match="start"):
-            await producer.send([records.encode_event(ev, NODE)])
+            await producer.send([with_time(ev)])
         assert time.monotonic() - t0 < 0.5, "a disconnected producer fails at once"
 
         # The broker comes back: start() reconnects and sending works again.
@@ -272,7 +284,7 @@ async def test_broker_stopped_while_sending(tmp_path):
         assert restarted.returncode == 0, restarted.stderr
         await producer.start(timeout_s=30)
         before = producer.acked
-        await asyncio.wait_for(producer.send([records.encode_event(ev, NODE)] * 10), 30)
+        await asyncio.wait_for(producer.send([with_time(ev)] * 10), 30)
         assert producer.acked == before + 10 and producer.connected
         await producer.stop()
         assert sent_calls >= 5

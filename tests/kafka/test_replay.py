@@ -32,7 +32,7 @@ from streamer.delivery import wire
 from streamer.delivery.archive import ArchiveReader, ArchiveWriter, archive_dir
 from streamer.errors import ConfigError
 from streamer.delivery.records import message_key
-from streamer.delivery.replay import _Progress, key_filter, parse_time
+from streamer.delivery.replay import _Progress, _Sender, key_filter, parse_time, version_runs
 from tests.kafka.conftest import free_port_pair
 from tests.kafka.pipeline_support import (TopicContents, check_topic, make_pipeline, read_topic,
                                           report)
@@ -272,8 +272,8 @@ def check_snapshots(snaps, entries: dict, held: list[Held], node_id: str) -> Non
                                           e["bytes_orig"], e["bytes_reply"]), (r, e)
         assert r["protocolIdentifier"] == 6 and r["tcpState"] == "ESTABLISHED" and r["assured"]
         assert r["flowEndReason"] is None and r["missedEvents"] == 0 and r["retries"] == 0
-        assert r["tcpControlBitsInitiator"] & 0x12 == 0x12      # SYN and ACK
-        assert r["tcpControlBitsResponder"] & 0x12 == 0x12      # SYN/ACK
+        assert r["tcpControlBits"] & 0x12 == 0x12              # SYN and ACK
+        assert r["reverseTcpControlBits"] & 0x12 == 0x12       # SYN/ACK
         assert r["flowStartMilliseconds"] <= r["flowEndMilliseconds"] \
             <= r["observationTimeMilliseconds"]
         assert abs(r["observationTimeMilliseconds"] / 1000 - time.time()) < 600
@@ -360,6 +360,40 @@ def test_key_filter():
     assert [keep(k) for k in (b"a/b/7", b"a/7", b"a/bb/7")] == [True, False, False]
     keep = key_filter([7], "n1")
     assert [keep(k) for k in (b"n1/7", b"n2/7", b"n1/8")] == [True, False, False]
+
+
+def test_version_runs_give_each_record_its_own_versions_header():
+    def rec(n, version):
+        value = wire.encode({"schemaVersion": version, "nodeId": "a", "ctId": n, "seq": 0})
+        return (f"a/{n}".encode(), value, 1_000 + n)
+    batch = (rec(1, 1), rec(2, 1), rec(3, 2), rec(4, 9), rec(5, 2), rec(6, 2))
+    runs = version_runs(batch)
+    assert [(h, [r[2] for r in recs]) for h, recs in runs] == [
+        ([wire.header_of(1)], [1001, 1002]), ([wire.HEADER], [1003]),
+        ([], [1004]),                                  # no version ctstream reads: no header
+        ([wire.HEADER], [1005, 1006])]
+    assert all(r is batch[i] for i, r in enumerate(r for _h, recs in runs for r in recs))
+    keep = key_filter([2, 3], None)
+    assert [[r[0] for r in recs] for _h, recs in version_runs(batch, keep)] == [[b"a/2"], [b"a/3"]]
+
+
+async def test_the_sender_keeps_order_across_versions():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        async def send(self, records, headers=None):
+            self.calls.append((headers, [r[2] for r in records]))
+
+    producer = Recorder()
+    sender = _Sender(producer)
+    for headers, recs in version_runs([(b"k", wire.encode({"schemaVersion": v}), t)
+                                       for t, v in enumerate((1, 1, 2, 2, 1))]):
+        await sender.add(recs, headers)
+    await sender.flush()
+    assert producer.calls == [([wire.header_of(1)], [0, 1]), ([wire.HEADER], [2, 3]),
+                              ([wire.header_of(1)], [4])]
+    assert sender.acked == 5
 
 
 class _Stream(io.StringIO):

@@ -11,8 +11,10 @@ in the server namespace (which keeps TIME_WAIT entries for 120 s, so it
 still lists every connection when the checks run).
 
 Delivery is at-least-once: a DESTROY may appear more than once (same ct_id
-and seq, same counters); a missing one is a failure. NEW and UPDATE events
+and seq, same counters); a missing one is a failure. CREATE and UPDATE events
 may be lost while the ring is full or no daemon runs; the DESTROY may not.
+The sink's lines are wire records (the Kafka records' names, each checked
+against the schema), read with tests/wire_records.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from streamer.datapath import abi
 from streamer.demo import testbed
 from streamer.datapath.table import PinnedTable
 from tests.netns.test_cli import CTSTREAM, ctstream, detach_and_remove
+from tests.wire_records import (COUNTERS, END_OF_FLOW, IDLE_TIMEOUT, KERNEL_COUNTERS, flow_key,
+                                read_json_lines, same_event)
 
 pytestmark = pytest.mark.root
 
@@ -48,7 +52,6 @@ GRACE = ["--grace", "3"]
 # The smallest legal TCP/IPv4 packet is 40 bytes of headers (IPv6: 60).
 MIN_HEADERS = {4: 40, 6: 60}
 IP_HEADER = {4: 20, 6: 40}
-COUNTERS = ("packets_orig", "bytes_orig", "packets_reply", "bytes_reply")
 
 
 def stats(pin: str) -> dict:
@@ -85,7 +88,7 @@ def xdp_attached(host: testbed.Host) -> bool:
 def key(x) -> tuple:
     """Original-direction tuple of a sink record (dict) or a KernelFlow."""
     if isinstance(x, dict):
-        return (x["family"], x["proto"], x["src"], x["dst"], x["sport"], x["dport"])
+        return flow_key(x)
     return (x.family, x.proto, x.src, x.dst, x.sport, x.dport)
 
 
@@ -162,48 +165,38 @@ def bed(pin_dir, tmp_path):
 
 @dataclass
 class Record:
-    events: list[dict]      # NEW / UPDATE / DESTROY, in file order, duplicates included
-    lost: list[dict]        # LOST reports
+    events: list[dict]      # CREATE / UPDATE / DESTROY, in file order, duplicates included
+    lost: list[dict]        # LOST records
     torn: int               # lines that are not JSON (a daemon killed mid-line)
 
     @classmethod
     def read(cls, path: Path) -> "Record":
-        events, lost, torn = [], [], 0
-        for line in path.read_text().splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                torn += 1
-                continue
-            (lost if obj["type"] == "LOST" else events).append(obj)
-        return cls(events, lost, torn)
+        """The sink file's records, each validated against the schema."""
+        records, torn = read_json_lines(path.read_text())
+        events = [r for r in records if r["eventType"] != "LOST"]
+        return cls(events, [r for r in records if r["eventType"] == "LOST"], torn)
 
     def by_ct_id(self) -> dict[int, list[dict]]:
         out = collections.defaultdict(list)
         for ev in self.events:
-            out[ev["ct_id"]].append(ev)
+            out[ev["ctId"]].append(ev)
         return out
 
     def destroys(self) -> dict[tuple, list[dict]]:
         out = collections.defaultdict(list)
         for ev in self.events:
-            if ev["type"] == "DESTROY":
+            if ev["eventType"] == "DESTROY":
                 out[key(ev)].append(ev)
         return out
 
 
-def same_event(a: dict, b: dict) -> bool:
-    """Two copies of one (ct_id, seq): everything but when they were sent,
-    how often, and which earlier losses they happened to carry."""
-    skip = {"time_ms", "retries", "missed"}
-    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
-
-
 def check_record(rec: Record) -> dict:
-    """Checks that hold for any sink record; returns figures for the report."""
+    """Checks that hold for any sink record; returns figures for the report.
+    Two copies of one (ctId, seq) must be the same event: everything but
+    when they were sent, how often, and which earlier losses they carried."""
     copies = collections.defaultdict(list)
     for ev in rec.events:
-        copies[(ev["ct_id"], ev["seq"])].append(ev)
+        copies[(ev["ctId"], ev["seq"])].append(ev)
     for (ct_id, seq), evs in copies.items():
         assert all(same_event(evs[0], e) for e in evs[1:]), \
             f"ct_id {ct_id} seq {seq}: copies differ: {evs}"
@@ -212,7 +205,7 @@ def check_record(rec: Record) -> dict:
     for ct_id, evs in rec.by_ct_id().items():
         tuples_of[ct_id] = {key(e) for e in evs}
         assert len(tuples_of[ct_id]) == 1, f"ct_id {ct_id} names several flows: {tuples_of[ct_id]}"
-        destroy_seqs = {e["seq"] for e in evs if e["type"] == "DESTROY"}
+        destroy_seqs = {e["seq"] for e in evs if e["eventType"] == "DESTROY"}
         assert len(destroy_seqs) == 1, f"ct_id {ct_id}: DESTROY seqs {destroy_seqs}"
         last = destroy_seqs.pop()
         seqs = {e["seq"] for e in evs}
@@ -225,10 +218,11 @@ def check_record(rec: Record) -> dict:
     flows = collections.Counter(next(iter(t)) for t in tuples_of.values())
     twice = [k for k, n in flows.items() if n > 1]
     assert not twice, f"flows tracked under more than one ct_id: {twice[:5]}"
-    destroy_lines = sum(1 for e in rec.events if e["type"] == "DESTROY")
+    destroy_lines = sum(1 for e in rec.events if e["eventType"] == "DESTROY")
     return {"lines": len(rec.events), "unique": len(copies), "duplicates": len(rec.events) - len(copies),
             "destroy_lines": destroy_lines, "destroys": len(tuples_of),
-            "destroy_retried_lines": sum(1 for e in rec.events if e["type"] == "DESTROY" and e["retries"]),
+            "destroy_retried_lines": sum(1 for e in rec.events
+                                         if e["eventType"] == "DESTROY" and e["retries"]),
             "missing_events": missing_seqs, "torn": rec.torn}
 
 
@@ -246,14 +240,17 @@ def check_tcp_connections(rec: Record, pair: testbed.Pair, family: int, ports: l
             continue
         ev = destroys[k][0]
         # SYN, ACK, data, FIN, last ACK one way; SYN/ACK, echo, FIN the other
-        assert ev["packets_orig"] >= 5 and ev["packets_reply"] >= 3, ev
-        assert ev["bytes_orig"] >= ev["packets_orig"] * MIN_HEADERS[family] + 16, ev
-        assert ev["bytes_reply"] >= ev["packets_reply"] * MIN_HEADERS[family] + 16, ev
-        assert ev["assured"] and ev["state"] == "TIME_WAIT" and ev["end_reason"] == "fin", ev
+        assert ev["initiatorPackets"] >= 5 and ev["responderPackets"] >= 3, ev
+        assert ev["initiatorOctets"] >= ev["initiatorPackets"] * MIN_HEADERS[family] + 16, ev
+        assert ev["responderOctets"] >= ev["responderPackets"] * MIN_HEADERS[family] + 16, ev
+        # TIME_WAIT: closed by FINs, and the end seen in the packets
+        assert ev["assured"] and ev["tcpState"] == "TIME_WAIT", ev
+        assert ev["flowEndReason"] == END_OF_FLOW, ev
+        assert ev["tcpControlBits"] & 0x13 == 0x13 and ev["reverseTcpControlBits"] & 0x13 == 0x13, ev
         kf = kernel.get(k)
         assert kf is not None, f"{k}: not in the kernel's conntrack"
         ours = tuple(ev[c] for c in COUNTERS)
-        theirs = tuple(getattr(kf, c) for c in COUNTERS)
+        theirs = tuple(getattr(kf, c) for c in KERNEL_COUNTERS)
         if ours != theirs:
             differ.append((k, ours, theirs))
     assert not missing, f"IPv{family}: {len(missing)} of {len(ports)} connections have no DESTROY: {missing[:10]}"
@@ -301,9 +298,9 @@ def test_minimum_ring_every_destroy_reaches_the_sink(bed):
         k = (family, "udp", pair.client.addr(family), pair.server.addr(family), sport, UDP_PORT)
         assert k in destroys, f"UDP {k}: no DESTROY"
         ev = destroys[k][0]
-        assert (ev["packets_orig"], ev["packets_reply"]) == (3, 3), ev
-        assert ev["bytes_orig"] == ev["bytes_reply"] == 3 * (IP_HEADER[family] + 8 + 200), ev
-        assert ev["end_reason"] == "idle", ev
+        assert (ev["initiatorPackets"], ev["responderPackets"]) == (3, 3), ev
+        assert ev["initiatorOctets"] == ev["responderOctets"] == 3 * (IP_HEADER[family] + 8 + 200), ev
+        assert ev["flowEndReason"] == IDLE_TIMEOUT, ev
 
     connections = len(ports4) + len(ports6) + len(udp)
     assert figures["destroys"] == connections, "DESTROYs of connections the generator did not make"
@@ -316,7 +313,10 @@ def test_minimum_ring_every_destroy_reaches_the_sink(bed):
     # Each event the ring refused left a seq gap or a DESTROY to resend.
     assert figures["missing_events"] <= st["ring_full"], (st, figures)
     assert figures["destroy_retried_lines"] <= st["destroy_retries"], (st, figures)
-    assert sum(r["lost"].get("ring_full", 0) for r in rec.lost) <= st["ring_full"]
+    # LOST records carry the totals since the datapath was loaded (by this
+    # daemon): they only grow, and never pass the final count.
+    ring_full = [r["lost"]["ring_full"] for r in rec.lost]
+    assert ring_full == sorted(ring_full) and all(n <= st["ring_full"] for n in ring_full)
     check_missed_bits_cover_the_gaps(rec)
     report("minimum ring", {"connections": connections, "traffic_s": round(traffic_s, 1),
                             "stop_s": round(took, 1), **figures,
@@ -335,7 +335,7 @@ def check_missed_bits_cover_the_gaps(rec: Record) -> None:
         last = max(seqs)
         reported = 0
         for e in evs:
-            reported |= e["missed"]
+            reported |= e["missedEvents"]
         gaps = set(range(last + 1)) - seqs
         if 0 in gaps:
             assert reported & abi.MISSED_CREATE, f"ct_id {ct_id}: NEW missing, not reported: {evs}"

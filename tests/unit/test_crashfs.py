@@ -274,8 +274,10 @@ def test_jsonl_sink_keeps_every_committed_event_across_a_power_cut(fs):
     assert len(intact) >= n, (f"only {len(intact)} of the {n} committed events survived "
                               f"the power cut ({path.stat().st_size} of "
                               f"{got['committed_bytes']} committed bytes)")
-    assert [ev["ct_id"] for ev in intact] == [1000 + i for i in range(len(intact))]
-    assert all(ev["type"] == "DESTROY" and ev["bytes_reply"] == 5000 for ev in intact)
+    # The lines are the events' wire records (the same as in Kafka).
+    assert [rec["ctId"] for rec in intact] == [1000 + i for i in range(len(intact))]
+    assert all(rec["eventType"] == "DESTROY" and rec["responderOctets"] == 5000
+               for rec in intact)
     # crashfs keeps nothing that was not synced: this run did cut something.
     assert path.stat().st_size == got["committed_bytes"] < written
     # The sink goes on after what survived.

@@ -1,6 +1,7 @@
 """streamer.delivery.records: every event the datapath makes becomes a record that the
-v1 schema accepts and that survives the msgpack round trip; keys group the
-events of a connection."""
+v2 schema accepts and that survives the msgpack round trip; keys group the
+events of a connection; a sink's events and LOST reports become the same
+records."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_fields_map_one_to_one():
                sport=0x3930, dport=0x3500, flags=0, end_reason=abi.END_IDLE)
     record = checked(ev)
     assert record == {
-        "schemaVersion": 1, "eventType": "DESTROY", "nodeId": NODE,
+        "schemaVersion": 2, "eventType": "DESTROY", "nodeId": NODE,
         "ctId": 123_456_789_012, "seq": 9, "observationTimeMilliseconds": ev.time_ms,
         "sourceIPv6Address": "2001:2::1", "destinationIPv6Address": "2001:2::2",
         "sourceTransportPort": 12345, "destinationTransportPort": 53,
@@ -95,7 +96,7 @@ def test_fields_map_one_to_one():
         "initiatorOctets": 1_300, "responderOctets": 1_400,
         "flowStartMilliseconds": ev.first_ms, "flowEndMilliseconds": ev.last_ms,
         "flowEndReason": 1, "missedEvents": 0, "retries": 0,
-        "tcpControlBitsInitiator": 0, "tcpControlBitsResponder": 0,
+        "tcpControlBits": 0, "reverseTcpControlBits": 0,
     }
     assert record["flowEndMilliseconds"] - record["flowStartMilliseconds"] == 1000
 
@@ -104,10 +105,11 @@ def test_tcp_flags_follow_the_event():
     ev = Event.from_raw(abi.decode_event(raw_event()), Clock())
     assert (ev.tcp_flags_orig, ev.tcp_flags_reply) == (0x1B, 0x13)
     record = checked(ev)
-    assert record["tcpControlBitsInitiator"] == 0x1B
-    assert record["tcpControlBitsResponder"] == 0x13
+    assert record["tcpControlBits"] == 0x1B            # IPFIX IE 6, the initiator's
+    assert record["reverseTcpControlBits"] == 0x13     # RFC 5103's reverse, the responder's
+    assert "tcpControlBitsInitiator" not in record and "tcpControlBitsResponder" not in record
     udp = Event.from_raw(abi.decode_event(raw_event(proto=17, state=0)), Clock())
-    assert checked(udp)["tcpControlBitsInitiator"] == 0
+    assert checked(udp)["tcpControlBits"] == 0
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -117,7 +119,7 @@ def test_icmp_echo_id_is_the_source_port(family, proto):
     record = checked(ev)
     assert ev.is_icmp and ev.sport == 7
     assert record["sourceTransportPort"] == 7 and record["destinationTransportPort"] == 7
-    assert record["tcpState"] is None and record["tcpControlBitsInitiator"] == 0
+    assert record["tcpState"] is None and record["tcpControlBits"] == 0
 
 
 @pytest.mark.parametrize("code, ipfix", [
@@ -188,6 +190,22 @@ def test_lost_record_fills_every_required_counter():
                               "untracked_bytes": 0, "early_drops": 0, "destroy_retries": 0,
                               "outbox_full": 2}
     assert rep.lost == {"ring_full": 3, "outbox_full": 2}  # the report is not changed
+
+
+def test_lost_record_takes_the_totals_of_a_report_that_has_them():
+    # The daemon's reports carry the growth (for the text line) and the
+    # totals since load; the record holds the totals.
+    rep = LostReport(1_763_800_020_000, 10.0, {"ring_full": 2},
+                     totals={"ring_full": 9, "table_full": 4, "outbox_full": 0})
+    record = wire.validate(records.lost_record(rep, NODE))
+    assert record["lost"]["ring_full"] == 9 and record["lost"]["table_full"] == 4
+    assert records.sink_record(rep, NODE) == record
+
+
+def test_sink_record_of_an_event_is_its_record():
+    ev = event(family=6, type=abi.EV_CREATE)
+    assert records.sink_record(ev, NODE) == records.record_of(ev, NODE)
+    assert records.sink_record(ev, NODE)["eventType"] == "CREATE" and ev.type == "NEW"
 
 
 def test_lost_seq_grows_across_reports_and_can_be_given():
@@ -285,13 +303,13 @@ def test_raw_path_equals_the_event_path():
         assert wire.decode(wire.encode(fast)) == fast
         assert fast == slow
         tcp = raw.proto == 6
-        assert fast["tcpControlBitsInitiator"] == (raw.tcp_flags_orig if tcp else 0)
-        assert fast["tcpControlBitsResponder"] == (raw.tcp_flags_reply if tcp else 0)
+        assert fast["tcpControlBits"] == (raw.tcp_flags_orig if tcp else 0)
+        assert fast["reverseTcpControlBits"] == (raw.tcp_flags_reply if tcp else 0)
         assert records.message_key(fast) == f"{NODE}/{raw.ct_id}".encode()
 
 
 def test_raw_path_carries_tcp_flags():
     record = records.record_of_raw(abi.decode_event(raw_event()), Clock(), NODE)
-    assert record["tcpControlBitsInitiator"] == 0x1B and record["tcpControlBitsResponder"] == 0x13
+    assert record["tcpControlBits"] == 0x1B and record["reverseTcpControlBits"] == 0x13
     udp = records.record_of_raw(abi.decode_event(raw_event(proto=17, state=0)), Clock(), NODE)
-    assert udp["tcpControlBitsInitiator"] == 0 and udp["tcpState"] is None
+    assert udp["tcpControlBits"] == 0 and udp["tcpState"] is None

@@ -1,4 +1,5 @@
-"""streamer.delivery.wire: msgpack round trip and the v1 JSON Schema, table-driven."""
+"""streamer.delivery.wire: msgpack round trip and the JSON Schemas, table-driven:
+v2 (what ctstream writes) in full, v1 (still read) where it differs."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ U64_MAX = 2**64 - 1
 
 def flow(event_type="DESTROY", family=4, **changes) -> dict:
     record = {
-        "schemaVersion": 1,
+        "schemaVersion": 2,
         "eventType": event_type,
         "nodeId": "gw-1",
         "ctId": 1_700_000_000_000_000_123,
         "seq": 4,
+        "observationTimeMilliseconds": 1_763_800_004_300,
         "sourceTransportPort": 40000,
         "destinationTransportPort": 443,
         "protocolIdentifier": 6,
@@ -35,8 +37,8 @@ def flow(event_type="DESTROY", family=4, **changes) -> dict:
         "flowEndReason": 3 if event_type == "DESTROY" else None,
         "missedEvents": 0,
         "retries": 0,
-        "tcpControlBitsInitiator": 0x1B,
-        "tcpControlBitsResponder": 0x1A,
+        "tcpControlBits": 0x1B,
+        "reverseTcpControlBits": 0x1A,
     }
     if family == 4:
         record |= {"sourceIPv4Address": "198.18.0.1", "destinationIPv4Address": "198.18.0.2"}
@@ -47,16 +49,26 @@ def flow(event_type="DESTROY", family=4, **changes) -> dict:
 
 def lost(**changes) -> dict:
     record = {
-        "schemaVersion": 1,
+        "schemaVersion": 2,
         "eventType": "LOST",
         "nodeId": "gw-1",
         "ctId": 0,
         "seq": 7,
+        "observationTimeMilliseconds": 1_763_800_007_000,
         "lost": {
             "ring_full": 3, "table_full": 0, "untracked_packets": 11,
             "untracked_bytes": 7_040, "early_drops": 2, "destroy_retries": 1,
         },
     }
+    return apply(record, changes)
+
+
+def v1(record: dict, **changes) -> dict:
+    """The same record in schema version 1: the old names of the TCP flags."""
+    record = dict(record, schemaVersion=1)
+    if "tcpControlBits" in record:
+        record["tcpControlBitsInitiator"] = record.pop("tcpControlBits")
+        record["tcpControlBitsResponder"] = record.pop("reverseTcpControlBits")
     return apply(record, changes)
 
 
@@ -79,14 +91,17 @@ GOOD = [
 ] + [
     pytest.param(lost(), id="LOST"),
     pytest.param(flow("CREATE", 4, protocolIdentifier=17, tcpState=None, assured=False,
-                      tcpControlBitsInitiator=0, tcpControlBitsResponder=0), id="udp-no-tcp-state"),
+                      tcpControlBits=0, reverseTcpControlBits=0), id="udp-no-tcp-state"),
     pytest.param(flow("DESTROY", 6, flowEndReason=5, retries=255, missedEvents=7,
                       vlanId=4095), id="destroy-edge-values"),
     pytest.param(flow("UPDATE", 4, initiatorOctets=U64_MAX, ctId=U64_MAX, seq=2**32 - 1),
                  id="uint64-and-uint32-max"),
-    pytest.param(flow("UPDATE", 4, futureField="additive changes keep v1"), id="unknown-field-allowed"),
-    pytest.param(flow("CREATE", 4, observationTimeMilliseconds=1_763_800_000_001), id="observation-time"),
+    pytest.param(flow("UPDATE", 4, futureField="additive changes keep v2"), id="unknown-field-allowed"),
     pytest.param(lost(lost={**lost()["lost"], "new_counter": 5}), id="LOST-extra-counter"),
+    # Version 1, still read: its own flag names, observationTimeMilliseconds optional.
+    pytest.param(v1(flow("DESTROY", 6)), id="v1-DESTROY-v6"),
+    pytest.param(v1(flow("UPDATE"), observationTimeMilliseconds=DROP), id="v1-without-time"),
+    pytest.param(v1(lost(), observationTimeMilliseconds=DROP), id="v1-LOST-without-time"),
 ]
 
 
@@ -130,12 +145,23 @@ BAD = [
     pytest.param(flow(initiatorOctets=2**64), "greater than the maximum", id="octets-over-uint64"),
     pytest.param(flow(retries=256), "greater than the maximum of 255", id="retries-too-big"),
     pytest.param(flow(missedEvents=8), "greater than the maximum of 7", id="missed-bad-mask"),
-    pytest.param(flow(tcpControlBitsResponder=0x100), "greater than the maximum of 255",
+    pytest.param(flow(reverseTcpControlBits=0x100), "greater than the maximum of 255",
                  id="tcp-flags-too-big"),
+    pytest.param(flow(tcpControlBits=DROP), "'tcpControlBits' is a required property",
+                 id="missing-tcpControlBits"),
+    pytest.param(v1(flow(), schemaVersion=2), "'tcpControlBits' is a required property",
+                 id="v1-names-in-v2"),
+    pytest.param(flow(observationTimeMilliseconds=DROP),
+                 "'observationTimeMilliseconds' is a required property", id="flow-without-time"),
+    pytest.param(lost(observationTimeMilliseconds=DROP),
+                 "'observationTimeMilliseconds' is a required property", id="LOST-without-time"),
+    pytest.param(flow(observationTimeMilliseconds=-1), "less than the minimum of 0",
+                 id="negative-time"),
     pytest.param(flow(assured=1), "is not of type 'boolean'", id="assured-not-bool"),
     pytest.param(flow(initiatorPackets=True), "is not of type 'integer'", id="bool-as-counter"),
     pytest.param(flow(initiatorPackets=1.5), "is not of type 'integer'", id="float-counter"),
-    pytest.param(flow(schemaVersion=2), "1 was expected", id="wrong-version"),
+    pytest.param(flow(schemaVersion=3), "2 was expected", id="unknown-version"),
+    pytest.param(flow(schemaVersion=True), "2 was expected", id="bool-version"),
     pytest.param(flow(eventType="NEW"), "is not one of", id="unknown-event-type"),
     pytest.param(flow(ctId=0), "less than the minimum of 1", id="flow-ctId-0"),
     pytest.param(flow(nodeId=""), "non-empty", id="empty-nodeId"),
@@ -158,9 +184,55 @@ BAD = [
 
 @pytest.mark.parametrize("record, fragment", BAD)
 def test_schema_rejects(record, fragment):
+    with pytest.raises(wire.WireError, match="ctstream-event.v2.json") as info:
+        wire.validate(record)
+    assert fragment in str(info.value)
+
+
+# Version 1 records are checked against the v1 schema, with its names.
+BAD_V1 = [
+    pytest.param(flow(schemaVersion=1), "'tcpControlBitsInitiator' is a required property",
+                 id="v2-names-in-v1"),
+    pytest.param(v1(flow(), tcpControlBitsResponder=DROP),
+                 "'tcpControlBitsResponder' is a required property", id="v1-missing-flags"),
+    pytest.param(v1(flow(), tcpControlBitsInitiator=256), "greater than the maximum of 255",
+                 id="v1-flags-too-big"),
+    pytest.param(v1(flow(), sourceIPv4Address="2001:2::1"), "is not a 'ipv4'", id="v1-bad-address"),
+]
+
+
+@pytest.mark.parametrize("record, fragment", BAD_V1)
+def test_v1_schema_rejects(record, fragment):
     with pytest.raises(wire.WireError, match="ctstream-event.v1.json") as info:
         wire.validate(record)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("record", [flow(), v1(flow())], ids=["v2", "v1"])
+def test_tcp_control_bits_of_either_version(record):
+    assert wire.tcp_control_bits(record) == (0x1B, 0x1A)
+
+
+@pytest.mark.parametrize("record, version", [
+    (flow(), 2), (v1(flow()), 1), (lost(), 2),
+    # Key order is not fixed: found wherever the key is.
+    ({"nodeId": "schemaVersion", "schemaVersion": 1}, 1),
+    ({"schemaVersion": 3}, None), ({"schemaVersion": "2"}, None), ({"nodeId": "gw-1"}, None),
+])
+def test_version_of_an_encoded_record(record, version):
+    assert wire.version_of(wire.encode(record)) == version
+
+
+def test_version_of_what_is_not_a_record():
+    assert wire.version_of(b"\xc1") is None
+    assert wire.version_of(msgpack.packb([1, 2])) is None
+    assert wire.version_of(b"") is None
+
+
+def test_json_is_the_same_map():
+    for record in (flow(), flow(family=6), lost()):
+        text = wire.to_json(record)
+        assert "\n" not in text and json.loads(text) == record
 
 
 def test_error_names_the_field():
@@ -217,13 +289,19 @@ def test_dedupe_key():
         wire.dedupe_key(flow(ctId=DROP))
 
 
-def test_version_constants_agree_with_the_schema():
-    assert wire.HEADER == ("ctstream-schema", b"1")
-    assert wire.SCHEMA_VERSION == 1
-    schema = json.loads((wire.schema_dir() / wire.SCHEMA_FILE).read_text())
-    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["properties"]["schemaVersion"]["const"] == wire.SCHEMA_VERSION
-    assert wire.SCHEMA_FILE.endswith(f".v{wire.SCHEMA_VERSION}.json")
+def test_version_constants_agree_with_the_schemas():
+    assert wire.HEADER == ("ctstream-schema", b"2")
+    assert wire.SCHEMA_VERSION == 2 and wire.READABLE_VERSIONS == (1, 2)
+    assert wire.SCHEMA_FILE == "ctstream-event.v2.json"
+    for version in wire.READABLE_VERSIONS:
+        schema = json.loads((wire.schema_dir() / wire.schema_file(version)).read_text())
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["properties"]["schemaVersion"]["const"] == version
+        assert schema["$id"].endswith(f":{version}")
+        orig, reply = wire.TCP_FLAG_FIELDS[version]
+        assert {orig, reply} <= set(schema["properties"])
+        assert {orig, reply} <= set(schema["$defs"]["flowRecord"]["required"])
+        assert ("observationTimeMilliseconds" in schema["required"]) == (version >= 2)
 
 
 def test_schema_dir_override(tmp_path, monkeypatch):
