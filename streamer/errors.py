@@ -70,6 +70,11 @@ class DatabaseError(StreamerError):
     """The database cannot be reached, opened or written."""
 
 
+class ExportError(StreamerError):
+    """The IPFIX collector cannot be reached, refused what was sent, or did
+    not acknowledge it: the records of the batch are not committed."""
+
+
 class TestbedError(Exception):
     """A test-bed command failed, timed out, or a check did not hold (the
     demo's and the tests' namespaces and traffic; not a StreamerError)."""

@@ -28,6 +28,10 @@ How exactly once is kept:
   rebalance but still commits its last batch; the producer's own retries; a
   DESTROY re-emitted by the datapath) are removed by the dedupe key
   (nodeId, ctId, seq) in the same transaction.
+
+Records of every schema version in wire.READABLE_VERSIONS (1 and 2) are
+accounted alike (ledger.decode_message), so a topic written across an
+upgrade, or a replay of an older archive, needs nothing special.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from ..errors import ConfigError, KafkaUnavailable, StreamerError
-from ..delivery.kafka_settings import KafkaSettings, connect_until
+from ..delivery.group_consumer import caught_up, start_group_consumer
+from ..delivery.kafka_settings import KafkaSettings
 from . import ledger
 from .db import Database, open_database, parse_url
 
@@ -53,7 +58,6 @@ DEFAULT_GROUP = "ctstream-account"
 # Records per transaction at most (aiokafka's max_records of one getmany).
 BATCH_RECORDS = 5000
 POLL_MS = 500
-TOPIC_GRACE_S = 2.0
 
 
 @dataclass
@@ -197,7 +201,9 @@ async def consume(settings: KafkaSettings, db_url: str, *, group: str = DEFAULT_
     run = _Run(settings, db, group)
     try:
         starting = asyncio.create_task(
-            _start_consumer(settings, group, connect_timeout_s, session_timeout_s))
+            start_group_consumer(settings, group, role="account", timeout_s=connect_timeout_s,
+                                 session_timeout_s=session_timeout_s,
+                                 max_records=BATCH_RECORDS))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -248,7 +254,7 @@ async def _loop(run: _Run, listener: _Assignment, stats: AccountStats, stop: asy
                 continue
             if until_idle is not None and listener.generations > 0 \
                     and time.monotonic() - run.last_change >= until_idle \
-                    and await _caught_up(consumer, timeout_s=5.0):
+                    and await caught_up(consumer, timeout_s=5.0, when_unassigned=True):
                 log.info("caught up and idle for %gs: stopping", until_idle)
                 break
     finally:
@@ -279,67 +285,7 @@ async def _apply(run: _Run, batch: dict, stats: AccountStats) -> None:
     log.debug("batch: %s", res)
 
 
-async def _caught_up(consumer: aiokafka.AIOKafkaConsumer, timeout_s: float) -> bool:
-    """Every assigned partition read to its end (False while that cannot be
-    told: a rebalance, Kafka away)."""
-    tps = consumer.assignment()
-    if not tps:
-        return True
-    try:
-        async with asyncio.timeout(timeout_s):
-            ends = await consumer.end_offsets(list(tps))
-            for tp in tps:
-                if await consumer.position(tp) < ends[tp]:
-                    return False
-    except (KafkaError, KeyError, AssertionError, StreamerError, TimeoutError) as exc:
-        log.debug("cannot tell whether the consumer caught up: %r", exc)
-        return False
-    return True
-
-
 def _as_streamer_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StreamerError):
         return exc
     return StreamerError(f"could not seek the assigned partitions: {exc!r}")
-
-
-async def _start_consumer(settings: KafkaSettings, group: str, timeout_s: float,
-                          session_timeout_s: float) -> aiokafka.AIOKafkaConsumer:
-    ctx = settings.ssl_context()
-    session_ms = int(session_timeout_s * 1000)
-
-    def new_consumer() -> aiokafka.AIOKafkaConsumer:
-        return aiokafka.AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-account",
-            group_id=group, enable_auto_commit=False, auto_offset_reset="earliest",
-            session_timeout_ms=session_ms, heartbeat_interval_ms=max(500, session_ms // 6),
-            request_timeout_ms=max(settings.request_timeout_ms, session_ms + 5000),
-            max_poll_records=BATCH_RECORDS,
-            security_protocol=settings.security_protocol, ssl_context=ctx,
-            sasl_mechanism=settings.sasl_mechanism or "PLAIN",
-            sasl_plain_username=settings.sasl_username, sasl_plain_password=settings.sasl_password)
-
-    async def start(consumer, deadline: float) -> None:
-        await consumer.start()
-        await _check_topic(consumer, settings, deadline)
-
-    consumer, _ = await connect_until(settings, timeout_s, new_consumer, start, _stop_quietly)
-    return consumer
-
-
-async def _check_topic(consumer, settings: KafkaSettings, deadline: float) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = min(deadline, loop.time() + TOPIC_GRACE_S)
-    while settings.topic not in await consumer.topics():
-        if loop.time() >= give_up:
-            raise ConfigError(f"topic {settings.topic} does not exist on {settings.bootstrap}: "
-                              f"create it, e.g. scripts/kafka.sh topic create {settings.topic}")
-        await asyncio.sleep(0.2)
-
-
-async def _stop_quietly(consumer) -> None:
-    try:
-        async with asyncio.timeout(5):
-            await consumer.stop()
-    except Exception as exc:
-        log.debug("closing a failed Kafka consumer: %r", exc)

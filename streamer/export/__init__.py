@@ -1,0 +1,1 @@
+"""IPFIX export of the stream to existing flow collectors (`ctstream ipfix`)."""
