@@ -6,11 +6,13 @@ thread, may block). The daemon acks a DESTROY to the kernel's outbox only
 after a commit that followed its write returned: that is the whole contract.
 
 - stdout (the default of `ctstream events`): one line per event, text or
-  JSON. Written and flushed to the pipe counts as durable; a closed pipe
-  (`| head`) stops the daemon rather than acking what nobody read.
-- jsonl:PATH: one JSON object per line, appended to PATH and fsync'd at
-  each commit; a commit is due after `batch_s` or `batch_records`, whichever
-  comes first.
+  JSON (the event's wire record, records.sink_record: the Kafka record's
+  names, types and event words). Written and flushed to the pipe counts as
+  durable; a closed pipe (`| head`) stops the daemon rather than acking
+  what nobody read.
+- jsonl:PATH: one JSON object (the same record) per line, appended to PATH
+  and fsync'd at each commit; a commit is due after `batch_s` or
+  `batch_records`, whichever comes first.
 - a callback (the demo, the tests): handed each event; durable at once.
 """
 
@@ -19,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from typing import Callable
 
 from ..datapath import abi
 from ..errors import ConfigError, StreamerError
 from ..datapath.events import Event
+from .records import check_node_id, sink_record
+from .wire import to_json
 
 
 class Sink:
@@ -92,17 +97,23 @@ class StdoutSink(Sink):
     name = "stdout"
 
     def __init__(self, fmt: str = "text", on_closed: Callable[[], None] | None = None,
-                 stream=None):
+                 stream=None, text_line: Callable | None = None, node_id: str | None = None):
         self.fmt = fmt
+        self.node_id = check_node_id(node_id or socket.gethostname())   # the JSON records'
         self.on_closed = on_closed
         self.stream = stream or sys.stdout
         self.closed = False
+        # The text branch's line of an event (default ev.text(); -o conntrack
+        # gives one); None: nothing for stdout (conntrack's text has no LOST).
+        self.text_line = text_line or (lambda ev: ev.text())
 
     def write(self, ev) -> None:
         if self.closed:
             return
         try:
-            self.stream.write((ev.json() if self.fmt == "json" else ev.text()) + "\n")
+            line = to_json(sink_record(ev, self.node_id)) if self.fmt == "json" else self.text_line(ev)
+            if line is not None:
+                self.stream.write(line + "\n")
         except BrokenPipeError:
             self._broken()
 
@@ -124,8 +135,10 @@ class StdoutSink(Sink):
 class JsonlSink(Sink):
     name = "jsonl"
 
-    def __init__(self, path: str, batch_s: float = 0.01, batch_records: int = 4096):
+    def __init__(self, path: str, batch_s: float = 0.01, batch_records: int = 4096,
+                 node_id: str | None = None):
         self.path = path
+        self.node_id = check_node_id(node_id or socket.gethostname())
         self.batch_s = batch_s
         self.batch_records = batch_records
         try:
@@ -140,7 +153,7 @@ class JsonlSink(Sink):
             self._f.write("\n")
 
     def write(self, ev) -> None:
-        self._f.write(ev.json() + "\n")
+        self._f.write(to_json(sink_record(ev, self.node_id)) + "\n")
 
     def commit(self) -> None:
         try:
@@ -170,11 +183,13 @@ def _ends_torn(path: str) -> bool:
         return f.read(1) != b"\n"
 
 
-def parse_sink(spec: str, fmt: str = "text", on_closed=None) -> Sink:
-    """`stdout` or `jsonl:PATH`."""
+def parse_sink(spec: str, fmt: str = "text", on_closed=None, text_line=None,
+               node_id: str | None = None) -> Sink:
+    """`stdout` or `jsonl:PATH`; text_line: StdoutSink's; node_id: the JSON
+    records' nodeId (default the host name)."""
     if spec in ("", "stdout", "-"):
-        return StdoutSink(fmt, on_closed)
+        return StdoutSink(fmt, on_closed, text_line=text_line, node_id=node_id)
     kind, sep, arg = spec.partition(":")
     if kind == "jsonl" and sep and arg:
-        return JsonlSink(arg)
+        return JsonlSink(arg, node_id=node_id)
     raise ConfigError(f"unknown sink {spec!r}: use stdout or jsonl:PATH")
