@@ -7,7 +7,9 @@
 #     BCC can compile BPF C for a kernel that has no headers of its own
 #   - bpffs mounted at /sys/fs/bpf
 #   - .venv from Debian's /usr/bin/python3 with --system-site-packages (bcc is
-#     not on PyPI), with the project installed editable with its test extras
+#     not on PyPI), with the project installed editable with its [test] extra,
+#     which takes in [postgres] and [validate] (a daemon node needs neither:
+#     `pip install .`; tests/unit/test_packaging.py checks the lowest pins)
 #   - the Kafka broker's jars from Maven Central (scripts/kafka.sh fetch), for
 #     the demo and tests/kafka
 #
@@ -36,6 +38,8 @@ PACKAGES=(
     iproute2 conntrack iperf3 hping3 ethtool nftables tcpdump netcat-openbsd
     default-jdk-headless maven postgresql mosquitto mosquitto-clients
     python3-fusepy  # tests/crashfs.py: the power-cut filesystem (FUSE, libfuse2)
+    nfdump          # tests/ipfix: nfcapd, a real IPFIX collector, and nfdump to read it
+    libfixbuf-tools # tests/ipfix: ipfixDump, an independent IPFIX decoder (the TCP stream)
 )
 
 unset PYTHONHOME PYTHONPATH
@@ -190,14 +194,16 @@ if [ pyproject.toml -nt "$STAMP" ]; then
 fi
 
 # --- final check --------------------------------------------------------------
+# The daemon's dependencies, then the extras' ([postgres], [validate], [test]).
+IMPORTS="bcc, pyroute2, msgpack, aiokafka, aiomqtt, prometheus_client, cramjam, psycopg, jsonschema, pytest, pytest_asyncio, scapy, paho.mqtt.client"
 check_imports() {
     echo "+ import check" >>"$LOG"
-    "$VENV/bin/python" -c 'import bcc, pyroute2, msgpack, aiokafka, jsonschema, aiomqtt, psycopg, prometheus_client, cramjam' >>"$LOG" 2>&1
+    "$VENV/bin/python" -c "import $IMPORTS" >>"$LOG" 2>&1
 }
 if ! check_imports; then
     # Something was uninstalled behind our back: reinstall once, then give up.
     pip_install
-    check_imports || fail ".venv/bin/python cannot import bcc, pyroute2, msgpack, aiokafka, jsonschema, aiomqtt, psycopg, prometheus_client, cramjam (try: make clean)"
+    check_imports || fail ".venv/bin/python cannot import $IMPORTS (try: make clean)"
 fi
 
 trap - ERR

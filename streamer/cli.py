@@ -24,10 +24,18 @@ from .settings import KINDS, Config, Setting, settings_of
 log = logging.getLogger("ctstream")
 
 _GROUP_TITLES = {"target": None, "datapath": "datapath", "kafka": "kafka", "spool": "spool",
-                 "mqtt": "mqtt", "metrics": "metrics", "account": None, "replay": None}
+                 "mqtt": "mqtt", "metrics": "metrics", "account": None, "replay": None,
+                 "ipfix": None}
 _DESCRIPTIONS = {
-    "run": ("the daemon: track and ship every event to Kafka", None),
-    "events": ("attach and stream connection events, like conntrack -E", None),
+    "run": ("the daemon: track and ship every event to Kafka",
+            "Track every connection on the interfaces with the XDP (and tc egress) "
+            "datapath and ship each event to Kafka as a msgpack record; while Kafka is "
+            "down or slow, to a durable local spool. A stop leaves the programs attached "
+            "and the maps pinned for the next start to adopt."),
+    "events": ("attach and stream connection events, like conntrack -E",
+               "Attach the datapath and print every connection event as it comes (NEW, "
+               "UPDATE, DESTROY with per-direction counters), or append them to a jsonl "
+               "file; a stop detaches and removes the pins unless --keep."),
     "account": ("consume the stream into a flow-accounting database",
                 "Consume ctstream records from Kafka into finished-flow rows and per-minute "
                 "rollups, exactly once (dedupe on nodeId, ctId, seq; Kafka offsets stored in "
@@ -37,6 +45,10 @@ _DESCRIPTIONS = {
                "Publish archived records of a time range again, byte for byte (the dedupe "
                "keys are the same, so exactly-once consumers stay exactly once), or with "
                "--snapshot one SNAPSHOT record per live connection."),
+    "ipfix": ("export every DESTROY to an IPFIX collector (nfcapd, ...)",
+              "Send the DESTROY records of the topic to an IPFIX collector as RFC 5103 "
+              "biflows (RFC 7011, over UDP or TCP), as a Kafka consumer group that commits "
+              "a batch's offsets only once the collector has it (at least once)."),
 }
 
 
@@ -64,7 +76,8 @@ def add_settings(p: argparse.ArgumentParser, command: str) -> None:
         names = ([s.short] if s.short else []) + [f"--{s.name}"]
         default = s.default_for(command)
         help_text = s.help or None
-        if help_text and default not in (None, False, True, []):
+        # `1 in (True,)` holds: compare booleans by identity, so 0 and 1 are shown.
+        if help_text and default is not None and not isinstance(default, bool) and default != []:
             help_text += f" (default {default if not isinstance(default, tuple) else ','.join(map(str, default))})"
         kw = {"dest": s.key, "default": argparse.SUPPRESS, "help": help_text}
         if s.kind == "bool":
@@ -85,6 +98,10 @@ def add_settings(p: argparse.ArgumentParser, command: str) -> None:
                         "here replaces the file's")
 
 
+_PIN_DIR_HELP = f"bpffs directory of the pinned maps (default {DEFAULT_PIN_DIR})"
+_OUTPUT_HELP = "text (aligned, for people) or json (for programs)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctstream", description="Reliable conntrack event streamer (XDP/eBPF).")
     p.add_argument("--version", action="version", version=f"ctstream {__version__}")
@@ -95,45 +112,76 @@ def build_parser() -> argparse.ArgumentParser:
         short, description = _DESCRIPTIONS[command]
         add_settings(sub.add_parser(command, help=short, description=description), command)
 
-    ss = sub.add_parser("status", help="the daemon's state: Kafka, spool, outbox, in flight")
-    ss.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
-    ss.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    ss = sub.add_parser("status", help="the daemon's state: Kafka, spool, outbox, in flight",
+                        description="The state of the daemon that owns --pin-dir, from the "
+                                    "status file it rewrites every second (Kafka connected, "
+                                    "spool and outbox depth, records in flight, last ack), "
+                                    "and the pinned counters; also when no daemon runs.")
+    ss.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
+    ss.add_argument("-o", "--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
 
-    ls = sub.add_parser("list", help="the live table, like conntrack -L")
-    ls.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    ls = sub.add_parser("list", help="the live table, like conntrack -L",
+                        description="The connections in the pinned table, read from the maps "
+                                    "(nothing is compiled; works while a daemon runs and when "
+                                    "none does), or with --dying the outbox.")
+    ls.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
     ls.add_argument("--dying", action="store_true",
                     help="show the outbox instead: ended connections whose DESTROY awaits an ack")
-    ls.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    ls.add_argument("-o", "--output", default="conntrack", metavar="FORMAT",
+                    help="conntrack (the default: the layout of conntrack -L; timeout 0 for "
+                         "--dying), text (ctstream's line: idle time; end reason and retries "
+                         "for --dying) or json; with conntrack's comma options extended (the "
+                         "ipv4 2 prefix) and id (id=, the ct_id): -o extended,id")
+    _add_list_filters(ls.add_argument_group(
+        "filters", "conntrack -L's filters; every one given must match, in every format"))
 
-    st = sub.add_parser("stats", help="datapath counters")
-    st.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
-    st.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    st = sub.add_parser("stats", help="datapath counters",
+                        description="The datapath's counters (packets tracked and not, drops, "
+                                    "ring full, early drops, ...) and the fill of the table "
+                                    "and the outbox, from the pinned maps.")
+    st.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
+    st.add_argument("-o", "--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
 
-    dt = sub.add_parser("detach", help="detach programs and remove the pinned maps")
-    dt.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    dt = sub.add_parser("detach", help="detach programs and remove the pinned maps",
+                        description="Detach every program recorded for --pin-dir (also those a "
+                                    "dead daemon left attached) and remove the pinned maps: "
+                                    "live connections and unacked DESTROYs are given up.")
+    dt.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
 
     dm = sub.add_parser("demo", help="the whole pipeline: namespaces and traffic, a local Kafka, "
-                                     "the daemon, the accounting consumer, a delivery report")
-    dm.add_argument("-o", "--output", choices=("text", "json"), default="text")
+                                     "the daemon, the accounting consumer, a delivery report",
+                        description="Run the whole pipeline on this machine and remove what it "
+                                    "made when it ends: a local Kafka broker, two network "
+                                    "namespaces with real traffic, the daemon, the accounting "
+                                    "consumer; exit 0 when the delivery report is all equal.")
+    dm.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                    help="the report as text or as one JSON object")
     dm.add_argument("--datapath-only", action="store_true",
                     help="no Kafka: the events as they come and a per-flow summary next to "
                          "the kernel's conntrack")
-    dm.add_argument("--pin-dir", default=f"{DEFAULT_PIN_DIR}_demo")
+    dm.add_argument("--pin-dir", default=f"{DEFAULT_PIN_DIR}_demo",
+                    help="bpffs directory of the demo's pinned maps (%(default)s)")
 
-    for command in ("account", "replay"):
+    for command in ("account", "ipfix", "replay"):
         short, description = _DESCRIPTIONS[command]
         add_settings(sub.add_parser(command, help=short, description=description), command)
-    tp = sub.add_parser("top", help="top talkers from the accounting database")
+    tp = sub.add_parser("top", help="top talkers from the accounting database",
+                        description="The top talkers of the accounting database that "
+                                    "`ctstream account` fills: bytes, packets and flows by "
+                                    "source, destination, or protocol and port (ICMP: by type).")
     tp.add_argument("--db", default=settings.DEFAULT_DB, metavar="URL",
-                    help="sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:PORT/DB "
+                    help="sqlite:PATH (embedded) or postgresql://USER@HOST:PORT/DB "
                          "(default %(default)s)")
+    tp.add_argument("--db-password-file", metavar="FILE",
+                    help=f"file holding the PostgreSQL password (or set {settings.DB_PASSWORD_ENV})")
     tp.add_argument("--by", choices=("src", "dst", "port"), default="src",
                     help="initiator address, responder address, or protocol/responder port "
                          "(%(default)s)")
     tp.add_argument("--since", default="all", metavar="DURATION",
                     help="flows that ended within DURATION (90s, 10m, 2h, 1d) or all (%(default)s)")
-    tp.add_argument("-n", type=int, default=10, dest="limit", metavar="N", help="rows (%(default)s)")
-    tp.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    # No -n: that is a network namespace, as in `ip -n` (run, events).
+    tp.add_argument("--limit", type=int, default=10, metavar="N", help="rows (%(default)s)")
+    tp.add_argument("-o", "--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
     return p
 
 
@@ -196,13 +244,16 @@ def _dispatch(a: argparse.Namespace) -> int:
         if a.cmd == "account":
             from .accounting.command import account_main
             return account_main(cfg)
+        if a.cmd == "ipfix":
+            from .export.command import ipfix_main
+            return ipfix_main(cfg)
         from .delivery.replay import main as replay_main
         return replay_main(cfg, lambda: settings.kafka_settings(
             cfg.values, client_id="ctstream-replay", compression=cfg.kafka_compression,
             **settings.send_timeouts(cfg.kafka_timeout)))
     if a.cmd == "top":
         from .accounting.command import top_main
-        return top_main(a.db, a.by, a.since, a.limit, a.output)
+        return top_main(a.db, a.by, a.since, a.limit, a.output, a.db_password_file)
     if a.cmd == "status":
         return _status(a)
     if a.cmd == "list":
@@ -236,11 +287,31 @@ async def _run(cfg: Config) -> int:
 
 
 async def _events(cfg: Config) -> int:
+    from .datapath.conntrack_text import parse_output
     from .delivery.sink import parse_sink
 
     stop = asyncio.Event()
-    sink = parse_sink(cfg.sink, cfg.output, on_closed=stop.set)
+    out = parse_output(cfg.output)
+    sink = parse_sink(cfg.sink, "json" if out.format == "json" else "text", on_closed=stop.set,
+                      text_line=_conntrack_event_lines(out, cfg.datapath.timeouts),
+                      node_id=cfg.node_or_host)
     return await _serve(cfg, sink, "", stop)
+
+
+def _conntrack_event_lines(out, timeouts):
+    """StdoutSink's line maker for -o conntrack (None for the other formats).
+    A LOST report goes to stderr, where conntrack -E warns of lost events:
+    conntrack's stdout has no such line."""
+    if out.format != "conntrack":
+        return None
+    from .datapath.conntrack_text import event_line
+
+    def line(ev):
+        if ev.type == "LOST":
+            print(f"ctstream: {ev.text()}", file=sys.stderr, flush=True)
+            return None
+        return event_line(ev, timeouts, out)
+    return line
 
 
 async def _serve(cfg: Config, sink, where: str, stop: asyncio.Event | None = None) -> int:
@@ -359,18 +430,43 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
+def _add_list_filters(g) -> None:
+    g.add_argument("-p", "--proto", metavar="PROTO",
+                   help="tcp, udp, icmp, icmpv6 or a protocol number")
+    g.add_argument("-f", "--family", choices=("ipv4", "ipv6"), help="ipv4 or ipv6 entries")
+    for names, what in ((("-s", "--src", "--orig-src"), "original source"),
+                        (("-d", "--dst", "--orig-dst"), "original destination"),
+                        (("-r", "--reply-src"), "reply source (ctstream does no NAT: the "
+                                                "original destination)"),
+                        (("-q", "--reply-dst"), "reply destination (the original source)")):
+        g.add_argument(*names, metavar="ADDR[/LEN]", help=f"{what}: an address or a network")
+    g.add_argument("--sport", "--orig-port-src", metavar="PORT",
+                   help="TCP/UDP source port of the original direction")
+    g.add_argument("--dport", "--orig-port-dst", metavar="PORT",
+                   help="TCP/UDP destination port of the original direction")
+    g.add_argument("--state", metavar="STATE",
+                   help="TCP state (SYN_SENT, ESTABLISHED, TIME_WAIT, ...): TCP entries only")
+
+
 def _list(a: argparse.Namespace) -> int:
+    from .datapath.conntrack_text import Filter, entry_line, parse_output, pinned_timeouts
     from .datapath.table import PinnedTable
 
+    # Bad words fail (exit 2) before the maps are opened.
+    out = parse_output(a.output)
+    keep = Filter.of(family=a.family, proto=a.proto, src=a.src, dst=a.dst,
+                     reply_src=a.reply_src, reply_dst=a.reply_dst, sport=a.sport,
+                     dport=a.dport, state=a.state)
     with PinnedTable(a.pin_dir) as t:
-        entries = t.entries(dying=a.dying)
+        entries = [e for e in t.entries(dying=a.dying) if keep.matches(e)]
+        timeouts = pinned_timeouts(t) if out.format == "conntrack" else None
     entries.sort(key=lambda e: e.ct_id)
-    if a.output == "json":
+    if out.format == "json":
         for e in entries:
             print(json.dumps(e.as_dict(), separators=(",", ":")))
     else:
         for e in entries:
-            print(e.text())
+            print(e.text() if out.format == "text" else entry_line(e, timeouts, out))
         what = "ended connections in the outbox" if a.dying else "connections"
         print(f"ctstream: {len(entries)} {what}", file=sys.stderr)
     return 0

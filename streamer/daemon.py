@@ -51,6 +51,7 @@ from .datapath.ringbuf import RingReader, RingSpace
 from .delivery.sink import CallbackSink, Sink
 from .datapath.sweeper import Sweeper
 from .datapath.table import read_counters
+from .observe import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Session:
     async def __aexit__(self, exc_type, *rest) -> None:
         if exc_type is not None:
             self._crashed = True
+        sd_notify.stopping(f"stopping: draining the ring into {self.sink.name}")
         await self._stack.__aexit__(exc_type, *rest)
 
     def keeps_state(self) -> bool:
@@ -215,6 +217,10 @@ class Session:
         for part in self.parts:
             await part.start(self)
             self._stack.push_async_callback(part.aclose)
+        # Type=notify: systemd counts the service as started only now, with
+        # every program attached (a failed start never says READY).
+        sd_notify.ready(f"tracking on {', '.join(self.target.ifaces)}"
+                        f"{' (+egress)' if self.target.egress else ''}, sink {self.sink.name}")
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))

@@ -30,16 +30,18 @@ import tomllib
 from dataclasses import dataclass
 
 from .datapath.config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
+from .datapath.conntrack_text import parse_output
 from .errors import ConfigError
 
-COMMANDS = ("run", "events", "account", "replay")
-KAFKA_CMDS = ("run", "account", "replay")
+COMMANDS = ("run", "events", "account", "replay", "ipfix")
+KAFKA_CMDS = ("run", "account", "replay", "ipfix")
 DAEMON_CMDS = ("run", "events")
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 PASSWORD_ENV = "CTSTREAM_KAFKA_SASL_PASSWORD"
 MQTT_PASSWORD_ENV = "CTSTREAM_MQTT_PASSWORD"
+DB_PASSWORD_ENV = "CTSTREAM_DB_PASSWORD"
 DEFAULT_DB = "sqlite:/var/lib/ctstream/accounting.db"
 # account --report: a flow without a DESTROY is unfinished once silent this
 # long (the longest default timeout, plus a minute or two graces for the
@@ -255,22 +257,30 @@ SETTINGS: tuple[Setting, ...] = (
     _s("topic", "str", None, "the topic (must exist: auto-create is not assumed)",
        KAFKA_CMDS, group="kafka"),
     _s("node-id", "str", None, "this node's name in every record (default: the host name); "
-       "replay: only this node's records, or the node of --snapshot records",
-       ("run", "replay"), group="kafka"),
-    _s("kafka-timeout", "seconds", {"run": 5.0, "account": 15.0, "replay": 30.0},
-       "run: a batch not acknowledged within S seconds goes to the spool; account: give up "
-       "when Kafka cannot be reached within S at start; replay: a send not acknowledged "
+       "events: the nodeId of its JSON records; replay: only this node's records, or the "
+       "node of --snapshot records", ("run", "events", "replay"), group="kafka"),
+    _s("kafka-timeout", "seconds", {"run": 5.0, "account": 15.0, "replay": 30.0, "ipfix": 15.0},
+       "run: a batch not acknowledged within S seconds goes to the spool; account, ipfix: give "
+       "up when Kafka cannot be reached within S at start; replay: a send not acknowledged "
        "within S fails the replay", KAFKA_CMDS, metavar="S", group="kafka"),
     _s("kafka-compression", "choice", "none", "record batch compression", ("run", "replay"),
        choices=COMPRESSIONS, group="kafka"),
-    _s("kafka-security-protocol", "choice", "PLAINTEXT", "", KAFKA_CMDS,
+    _s("kafka-security-protocol", "choice", "PLAINTEXT", "how to talk to the brokers: "
+       "plain TCP, TLS (SSL), SASL over plain TCP or over TLS", KAFKA_CMDS,
        choices=SECURITY_PROTOCOLS, group="kafka"),
-    _s("kafka-ssl-cafile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
-    _s("kafka-ssl-certfile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
-    _s("kafka-ssl-keyfile", "str", None, "", KAFKA_CMDS, metavar="FILE", group="kafka"),
-    _s("kafka-sasl-mechanism", "choice", None, "", KAFKA_CMDS, choices=SASL_MECHANISMS,
+    _s("kafka-ssl-cafile", "str", None, "TLS: CA certificates (PEM) to trust for the brokers' "
+       "certificates, besides the system's", KAFKA_CMDS, metavar="FILE",
        group="kafka"),
-    _s("kafka-sasl-username", "str", None, "", KAFKA_CMDS, group="kafka"),
+    _s("kafka-ssl-certfile", "str", None, "TLS: this client's certificate (PEM), for brokers "
+       "that authenticate clients", KAFKA_CMDS, metavar="FILE", group="kafka"),
+    _s("kafka-ssl-keyfile", "str", None, "TLS: the private key of --kafka-ssl-certfile (PEM), "
+       "if that file does not hold it",
+       KAFKA_CMDS, metavar="FILE", group="kafka"),
+    _s("kafka-sasl-mechanism", "choice", None, "SASL: how to authenticate (with "
+       "--kafka-security-protocol SASL_PLAINTEXT or SASL_SSL)", KAFKA_CMDS, choices=SASL_MECHANISMS,
+       group="kafka"),
+    _s("kafka-sasl-username", "str", None, "SASL: the user name", KAFKA_CMDS, metavar="NAME",
+       group="kafka"),
     _s("kafka-sasl-password-file", "str", None,
        f"file holding the SASL password (or set {PASSWORD_ENV})", KAFKA_CMDS, metavar="FILE",
        group="kafka"),
@@ -287,7 +297,8 @@ SETTINGS: tuple[Setting, ...] = (
     # -- MQTT and metrics
     _s("mqtt", "str", None, "publish status and alerts to this MQTT broker (port 1883 "
        "unless given)", DAEMON_CMDS, metavar="HOST[:PORT]", group="mqtt"),
-    _s("mqtt-username", "str", None, "", DAEMON_CMDS, metavar="NAME", group="mqtt"),
+    _s("mqtt-username", "str", None, "the user name at the MQTT broker", DAEMON_CMDS,
+       metavar="NAME", group="mqtt"),
     _s("mqtt-password-file", "str", None, f"file holding the MQTT password (or set "
        f"{MQTT_PASSWORD_ENV})", DAEMON_CMDS, metavar="FILE", group="mqtt"),
     _s("mqtt-cafile", "str", None, "connect with TLS, trusting this CA", DAEMON_CMDS,
@@ -302,28 +313,47 @@ SETTINGS: tuple[Setting, ...] = (
        "table holds at most N (a walk of the table at most every 30 s)", DAEMON_CMDS,
        metavar="N", group="metrics"),
     # -- events
-    _s("output", "choice", "text", "events: the line format on stdout; account: the format "
-       "of the report, or of the final counts", ("events", "account"), short="-o",
-       choices=("text", "json")),
+    # events: comma words (conntrack's -o extended,id), so a str checked in _make_parts.
+    _s("output", "str", {"events": "conntrack", "account": "text"},
+       "events: the line format on stdout: conntrack (the layout of conntrack -E, with "
+       "conntrack's options extended and id: -o extended,id), text (ctstream's line: end "
+       "reason, missed events, seq) or json; account: text or json, the format of the "
+       "report, or of the final counts", ("events", "account"), short="-o", metavar="FORMAT"),
     _s("sink", "str", "stdout", "stdout, or jsonl:PATH (appended, fsync'd in batches); a "
        "DESTROY is acked to the kernel's outbox only once the sink has it durably",
        ("events",), metavar="SPEC"),
     # -- account
-    _s("db", "str", DEFAULT_DB, "sqlite:PATH (embedded) or postgresql://USER:PASSWORD@HOST:"
-       "PORT/DB", ("account",), metavar="URL", group="account"),
-    _s("group", "str", "ctstream-account", "Kafka consumer group; consumers of one group "
-       "split the partitions", ("account",), group="account"),
+    _s("db", "str", DEFAULT_DB, "sqlite:PATH (embedded) or postgresql://USER@HOST:PORT/DB "
+       f"(the password: --db-password-file or {DB_PASSWORD_ENV}; one in the URL is warned "
+       "about, every local user can read it in the process list)", ("account",),
+       metavar="URL", group="account"),
+    _s("db-password-file", "str", None, f"file holding the PostgreSQL password (or set "
+       f"{DB_PASSWORD_ENV}); either wins over a password in --db", ("account",),
+       metavar="FILE", group="account"),
+    _s("group", "str", {"account": "ctstream-account", "ipfix": "ctstream-ipfix"},
+       "Kafka consumer group; consumers of one group split the partitions",
+       ("account", "ipfix"), group="account"),
     _s("until-idle", "seconds", None, "exit once every assigned partition is read to its end "
-       "and nothing arrived for S seconds (default: run until SIGINT/SIGTERM)", ("account",),
-       metavar="S", group="account"),
+       "and nothing arrived for S seconds (default: run until SIGINT/SIGTERM)",
+       ("account", "ipfix"), metavar="S", group="account"),
     _s("session-timeout", "seconds", 10.0, "Kafka group session timeout: a consumer that "
-       "died loses its partitions after S seconds", ("account",), metavar="S",
+       "died loses its partitions after S seconds", ("account", "ipfix"), metavar="S",
        group="account"),
     _s("report", "bool", False, "print the gap report (seq gaps, flows without a DESTROY) "
        "and exit; needs no Kafka", ("account",), group="account"),
     _s("horizon", "seconds", DEFAULT_HORIZON_S, "--report: a flow without a DESTROY and silent for S "
        "seconds is unfinished (the longest default timeout plus a grace)", ("account",),
        metavar="S", group="account"),
+    # -- ipfix
+    _s("collector", "str", None, "the IPFIX collector (e.g. nfcapd -p 4739)", ("ipfix",),
+       metavar="HOST:PORT", group="ipfix"),
+    _s("transport", "choice", "udp", "udp (templates at start and every --template-interval) "
+       "or tcp (templates at each connection; offsets committed once the collector's TCP "
+       "acknowledged the records)", ("ipfix",), choices=("udp", "tcp"), group="ipfix"),
+    _s("template-interval", "seconds", 60.0, "udp: send the templates again every S seconds",
+       ("ipfix",), metavar="S", group="ipfix"),
+    _s("observation-domain", "int", 1, "the IPFIX observation domain id of the messages",
+       ("ipfix",), metavar="ID", group="ipfix"),
     # -- replay
     _s("from", "str", None, "start of the range (included): ISO 8601 (2024-05-01T12:00:00Z; "
        "without a zone: local time), epoch seconds, 'now', or relative like -10m, -2h, -1d",
@@ -463,8 +493,18 @@ def _make_parts(cfg: Config) -> None:
             cfg.spool_config = SpoolConfig.from_values(v)
             cfg.kafka_settings = kafka_settings(v, compression=v["kafka_compression"],
                                        **send_timeouts(v["kafka_timeout"]))
+        if "output" in v:
+            check_output(cmd, v["output"])
     except ConfigError as exc:
         raise _located(cfg, exc) from exc.__cause__
+
+
+def check_output(command: str, spec: str) -> None:
+    """events: conntrack_text's -o words; account: text or json."""
+    if command == "events":
+        parse_output(spec)
+    elif spec not in ("text", "json"):
+        raise ConfigError(f"must be text or json, got {spec!r}", setting="output")
 
 
 def _require(cfg: Config, *names: str) -> None:

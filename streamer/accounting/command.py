@@ -9,15 +9,14 @@ import signal
 import sys
 
 from ..errors import ConfigError
-from ..settings import Config, check_kafka_timeout, kafka_settings
+from ..settings import DB_PASSWORD_ENV, Config, check_kafka_timeout, kafka_settings
 
 MAX_HORIZON_S = 366 * 86400
 
 
 def account_main(a: Config) -> int:
-    from .db import parse_url
-
-    target = parse_url(a.db)
+    target = _target(a.db, a.db_password_file,
+                     on_command_line=a.origins.get("db", "").startswith("--"))
     if a.report:
         return _report(a, target)
     if not a.kafka or not a.topic:
@@ -52,6 +51,20 @@ async def _account(a: Config, settings, target):
                          connect_timeout_s=a.kafka_timeout, session_timeout_s=a.session_timeout)
 
 
+def _target(url: str, password_file: str | None, on_command_line: bool):
+    """The database of --db, with the password of --db-password-file or
+    $CTSTREAM_DB_PASSWORD. A password in a --db given on the command line
+    works but is warned about: every local user can read it in ps."""
+    from .db import db_password, parse_url, url_has_password, with_password
+
+    target = parse_url(url)
+    if on_command_line and url_has_password(url):
+        print(f"ctstream: warning: --db {target} carries a password, which every local user "
+              f"can read in the process list: give it with --db-password-file FILE or "
+              f"{DB_PASSWORD_ENV} instead", file=sys.stderr)
+    return with_password(target, db_password(password_file))
+
+
 def _report(a: Config, target) -> int:
     from .report import format_text, gap_report
 
@@ -67,14 +80,14 @@ def _report(a: Config, target) -> int:
     return 0
 
 
-def top_main(db: str, by: str, since_text: str, limit: int, output: str) -> int:
+def top_main(db: str, by: str, since_text: str, limit: int, output: str,
+             password_file: str | None = None) -> int:
     """`ctstream top`: the top talkers of the accounting database."""
-    from .db import parse_url
     from .top import parse_duration, top_talkers
 
-    parse_url(db)
+    target = _target(db, password_file, on_command_line=True)
     since = parse_duration(since_text)
-    rows = top_talkers(db, by, since, limit)
+    rows = top_talkers(target, by, since, limit)
     if output == "json":
         print(json.dumps(rows))
         return 0

@@ -2,8 +2,12 @@
 one schema for both, and the transactions the consumer writes in.
 
 `--db` URLs: `sqlite:PATH` (`sqlite:///abs/path` also works) or
-`postgresql://USER:PASSWORD@HOST:PORT/DB` (`postgres://` too; any libpq
-URL). `parse_url` checks one (ConfigError, exit 2); `open_database` connects
+`postgresql://USER@HOST:PORT/DB` (`postgres://` too; any libpq URL). The
+PostgreSQL password comes from `--db-password-file` or $CTSTREAM_DB_PASSWORD
+(`db_password`, `with_password`), which win over one the URL carries; a URL
+with a password still works, but the command warns (command.py): a command
+line is readable by every local user. `parse_url` checks a URL (ConfigError,
+exit 2); `open_database` connects
 (StreamerError, exit 1, when the server is down or the file cannot be
 written) and, for writers, creates the schema.
 
@@ -36,7 +40,7 @@ import os
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError, DatabaseError, StreamerError
 
@@ -51,7 +55,7 @@ SQLITE_BUSY_MS = 30_000
 # key, a locked SQLite file) is run again from the start, this many times.
 TRANSACTION_ATTEMPTS = 5
 
-from ..settings import DEFAULT_DB as DEFAULT_URL  # noqa: E402 (the accounting default)
+from ..settings import DB_PASSWORD_ENV, DEFAULT_DB as DEFAULT_URL  # noqa: E402
 
 _U63 = 1 << 63
 _U64 = 1 << 64
@@ -72,6 +76,8 @@ class DbTarget:
     path: str = ""       # sqlite: the file
     conninfo: str = ""   # postgresql: the URL as given
     shown: str = ""      # for messages: the URL without its password
+    # postgresql: from the password file or the environment; wins over the URL's
+    password: str | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return self.shown
@@ -107,6 +113,40 @@ def parse_url(url: str | DbTarget) -> DbTarget:
         return DbTarget("postgresql", conninfo=url, shown=_hide_password(url))
     raise ConfigError(f"--db {_hide_password(url)!r}: expected sqlite:PATH or "
                       "postgresql://USER:PASSWORD@HOST:PORT/DB")
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a postgresql:// URL carries a password (USER:PASSWORD@ or
+    ?password=)."""
+    if not url.strip().startswith(("postgresql://", "postgres://")):
+        return False
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+    try:
+        return bool(conninfo_to_dict(url.strip()).get("password"))
+    except ProgrammingError:
+        return False
+
+
+def db_password(path: str | None) -> str | None:
+    """The PostgreSQL password: the first line of `path` (--db-password-file),
+    else $CTSTREAM_DB_PASSWORD, else None (the URL's, or libpq's own
+    ~/.pgpass and $PGPASSWORD)."""
+    if not path:
+        return os.environ.get(DB_PASSWORD_ENV) or None
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read --db-password-file {path}: {exc.strerror}",
+                          setting="db-password-file") from exc
+
+
+def with_password(target: DbTarget, password: str | None) -> DbTarget:
+    """`target` that connects with `password` (PostgreSQL; SQLite has none)."""
+    if password is None or target.engine != "postgresql":
+        return target
+    return replace(target, password=password)
 
 
 def _hide_password(url: str) -> str:
@@ -369,8 +409,9 @@ class PostgresDatabase(Database):
         super().__init__(target)
         import psycopg
         try:
+            extra = {} if target.password is None else {"password": target.password}
             self.conn = psycopg.connect(target.conninfo, connect_timeout=CONNECT_TIMEOUT_S,
-                                        application_name="ctstream-account")
+                                        application_name="ctstream-account", **extra)
         except psycopg.Error as exc:
             raise DatabaseError(f"cannot connect to PostgreSQL at {target}: "
                                 f"{_pg_reason(exc)}") from exc

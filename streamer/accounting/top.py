@@ -10,7 +10,12 @@ Python API (for `ctstream top` and the pipeline demo):
 
 `by` is "src" (initiator address), "dst" (responder address) or "port" (the
 protocol and the responder's port; rows carry "protocol" and "port", and
-"talker" reads like "tcp/443"). Bytes and packets count both directions.
+"talker" reads like "tcp/443"). ICMP and ICMPv6 have no ports: the datapath
+tracks echo exchanges only and keys them by the echo id, which the records
+carry in both port fields. An id says nothing about a talker (each ping
+picks one), so `port` puts every echo flow of a protocol in one row, with
+"port" None, "icmp_type"/"icmp_code" of the request (8/0, 128/0) and the
+talker "icmp/echo" ("icmpv6/echo"). Bytes and packets count both directions.
 Ordered by bytes, then packets, then the talker. `since_s` (None: all time)
 keeps flows that ended within the last since_s seconds, at the rollups'
 one-minute granularity: a minute that overlaps the window counts whole.
@@ -25,6 +30,10 @@ from .db import Database, DbTarget, open_database
 
 BY = ("src", "dst", "port")
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+# Protocol -> (type, code) of the echo request, the only ICMP the datapath tracks.
+ICMP_ECHO = {1: (8, 0), 58: (128, 0)}
+# The port of a rollup row, as `--by port` groups it: none for ICMP.
+_PORT = f"CASE WHEN protocol IN ({', '.join(map(str, ICMP_ECHO))}) THEN NULL ELSE dport END"
 MAX_SINCE_S = 100 * 366 * 86400
 
 
@@ -33,10 +42,10 @@ def top_talkers(db_url: "str | DbTarget | Database", by: str = "src", since_s: f
     if by not in BY:
         raise ConfigError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     if not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"-n must be a positive number of rows, got {limit!r}")
+        raise ConfigError(f"--limit must be a positive number of rows, got {limit!r}")
     if since_s is not None and not since_s > 0:
         raise ConfigError(f"--since must be a positive duration, got {since_s!r}")
-    group = {"src": "src", "dst": "dst", "port": "protocol, dport"}[by]
+    group = {"src": "src", "dst": "dst", "port": f"protocol, {_PORT}"}[by]
     where, params = "", []
     if since_s is not None:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -53,9 +62,7 @@ def top_talkers(db_url: "str | DbTarget | Database", by: str = "src", since_s: f
     out = []
     for row in rows:
         if by == "port":
-            proto, port = row[0], row[1]
-            head = {"talker": f"{PROTOCOL_NAMES.get(proto, proto)}/{port}", "protocol": proto,
-                    "port": port}
+            head = port_talker(row[0], row[1])
             nums = row[2:]
         else:
             head = {"talker": row[0], by: row[0]}
@@ -64,6 +71,17 @@ def top_talkers(db_url: "str | DbTarget | Database", by: str = "src", since_s: f
         out.append(head | {"bytes": bo + br, "bytes_orig": bo, "bytes_reply": br,
                            "packets": packets, "flows": flows})
     return out
+
+
+def port_talker(proto: int, port: int | None) -> dict:
+    """The head of a `--by port` row: talker, protocol, port (and for ICMP
+    the echo request's type and code instead of a port)."""
+    name = PROTOCOL_NAMES.get(proto, str(proto))
+    if proto in ICMP_ECHO:
+        icmp_type, icmp_code = ICMP_ECHO[proto]
+        return {"talker": f"{name}/echo", "protocol": proto, "port": None,
+                "icmp_type": icmp_type, "icmp_code": icmp_code}
+    return {"talker": f"{name}/{port}", "protocol": proto, "port": port}
 
 
 def flow_count(db_url: str | Database) -> int:

@@ -24,10 +24,22 @@ from . import netns
 from .config import DatapathConfig
 from ..errors import EnvironmentProblem, InterfaceError, LoadError
 
-# The BPF sources sit beside the package in a checkout; an installed copy
-# (docker/Dockerfile) names them with CTSTREAM_BPF_DIR.
-BPF_DIR = Path(os.environ.get("CTSTREAM_BPF_DIR") or Path(__file__).resolve().parents[2] / "bpf")
 MAIN_SOURCE = "ctstream.bpf.c"
+
+
+def _bpf_dir() -> Path:
+    """$CTSTREAM_BPF_DIR; else the package data of an installed copy
+    (streamer/bpf, which pyproject.toml maps from the top-level bpf/); else
+    the bpf/ of this checkout (also pip install -e)."""
+    env = os.environ.get("CTSTREAM_BPF_DIR")
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "bpf"
+    return installed if (installed / MAIN_SOURCE).is_file() else package.parent / "bpf"
+
+
+BPF_DIR = _bpf_dir()
 STATE_DIR = Path("/run/ctstream")
 
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -138,7 +150,10 @@ class Datapath:
         from bcc import BPF  # Debian's python3-bpfcc
 
         self.adopted = os.path.exists(os.path.join(self.cfg.pin_dir, "ct4"))
+        # Root only, also when it was made before by other means (the one
+        # place that sets it: systemd/ctstream.service has no ExecStartPre).
         os.makedirs(self.cfg.pin_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.cfg.pin_dir, 0o700)
         try:
             self.bpf = BPF(text=expand_source(), cflags=cflags(self.cfg))
             self.progs = {name: self.bpf.load_func(

@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ import pytest
 
 from streamer.demo import testbed
 from streamer.datapath.loader import STATE_DIR
+from tests.wire_records import flow_key, read_json_lines
 
 pytestmark = pytest.mark.root
 
@@ -98,17 +100,14 @@ class Events:
         self.early_stderr = early_stderr
 
     def stop(self, sig: int, timeout: float = 10) -> tuple[int, float, list[dict], str]:
-        """Send `sig`, wait; returns (exit code, seconds to exit, the JSON
-        objects of stdout, stderr)."""
+        """Send `sig`, wait; returns (exit code, seconds to exit, the wire
+        records of stdout, each checked with wire.validate, stderr)."""
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         out, err = self.proc.communicate(timeout=timeout)
         took = time.monotonic() - t0
-        objs = []
-        for line in out.decode().splitlines():
-            obj = json.loads(line)
-            assert isinstance(obj, dict), line
-            objs.append(obj)
+        objs, torn = read_json_lines(out.decode())
+        assert torn == 0, out.decode()[-2000:]
         return self.proc.returncode, took, objs, (self.early_stderr + err).decode(errors="replace")
 
 
@@ -182,11 +181,12 @@ def test_events_list_stats_then_signal(pair, pin, start_events, sig):
     assert rc == 0, err
     assert took < 5
     assert "Traceback" not in err
-    new = {(o["family"], o["proto"], o["src"], o["dst"], o["sport"], o["dport"]): o
-           for o in objs if o["type"] == "NEW"}
+    # -o json writes the Kafka records: CREATE, nodeId (the host name by default)
+    new = {flow_key(o): o for o in objs if o["eventType"] == "CREATE"}
     assert set(new) == {tcp, udp, icmp}
+    assert {o["nodeId"] for o in objs} == {socket.gethostname()}
     for k, e in live.items():
-        assert new[k]["ct_id"] == e["ct_id"] and new[k]["seq"] == 0
+        assert new[k]["ctId"] == e["ct_id"] and new[k]["seq"] == 0
     assert_nothing_left(pair.server, pin)
 
 

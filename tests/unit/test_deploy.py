@@ -7,7 +7,11 @@
 - The systemd units pass `systemd-analyze verify` (against a scratch root, so
   that the executables they name need not be installed) and keep their
   capability set and sandbox; without systemd-analyze the unit files are
-  parsed here instead, never skipped.
+  parsed here instead, never skipped. The daemon's unit is Type=notify
+  (tests/netns/test_sd_notify.py: READY=1 once attached), names no pin
+  directory (the config file does) and no BPF or schema directory (the
+  package holds them); the consumer's takes the database password from its
+  environment file, never the command line.
 - systemd/ctstream.toml is accepted by `ctstream run --config` parsing.
 - One root test runs the datapath under exactly the unit's capability bounding
   set (load, attach through --netns, adopt the pins after a restart) and shows
@@ -171,8 +175,8 @@ def test_compose_services_and_the_daemon(compose):
     assert account["command"][0] == "account"
     assert option(account["command"], "--kafka") == a.kafka
     assert option(account["command"], "--topic") == a.topic
-    db = option(account["command"], "--db")
-    assert db.startswith("postgresql://ctstream:") and "@postgres:5432/ctstream" in db
+    assert option(account["command"], "--db") == "postgresql://ctstream@postgres:5432/ctstream"
+    assert account["environment"]["CTSTREAM_DB_PASSWORD"] == "ctstream"
     assert "privileged" not in account and "network_mode" not in account
 
     for name in ("kafka", "postgres", "mosquitto", "ctstream"):
@@ -199,7 +203,9 @@ def test_compose_settings_come_from_the_environment(compose):
     assert option(svc["kafka-topics"]["command"], "--topic") == "flows"
     assert option(svc["kafka-topics"]["command"], "--partitions") == "6"
     assert option(svc["account"]["command"], "--topic") == "flows"
-    assert "ctstream:s3cret@postgres" in option(svc["account"]["command"], "--db")
+    # The password reaches the consumer by its environment, not its command line.
+    assert svc["account"]["environment"]["CTSTREAM_DB_PASSWORD"] == "s3cret"
+    assert not any("s3cret" in str(word) for word in svc["account"]["command"])
     assert svc["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
 
 
@@ -207,11 +213,18 @@ def test_dockerfile_installs_what_the_loader_and_wire_need():
     text = (REPO / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM debian:bookworm", text, re.M)
     assert "python3-bpfcc" in text
-    for src, env in (("bpf", "CTSTREAM_BPF_DIR"), ("schemas", "CTSTREAM_SCHEMA_DIR")):
-        dest = re.search(rf"^COPY {src} (\S+)$", text, re.M)
-        assert dest, f"{src}/ is not copied into the image"
-        where = re.search(rf"{env}=(\S+)", text)
-        assert where and where.group(1) == "/opt/ctstream/" + src, env
+    # bpf/ and schemas/ are package data: copied before the install, and no
+    # variable points at them.
+    install = re.search(r"^RUN pip install --no-deps \.", text, re.M)
+    assert install, "the project is not installed"
+    for src in ("bpf", "schemas"):
+        copy = re.search(rf"^COPY {src} \./{src}$", text, re.M)
+        assert copy and copy.start() < install.start(), f"{src}/ is not copied before the install"
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    assert "CTSTREAM_BPF_DIR" not in code and "CTSTREAM_SCHEMA_DIR" not in code
+    # One image for the daemon and the consumers: the consumers' extras too.
+    assert '["optional-dependencies"]["postgres"]' in text
+    assert '["optional-dependencies"]["validate"]' in text
     assert re.search(r'^ENTRYPOINT \["ctstream"\]', text, re.M)
 
 
@@ -242,7 +255,8 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 KNOWN = {
     "Unit": {"Description", "Documentation", "Wants", "Requires", "After", "Before",
              "RequiresMountsFor", "ConditionPathExists"},
-    "Service": {"Type", "Environment", "EnvironmentFile", "ExecStartPre", "ExecStart",
+    "Service": {"Type", "NotifyAccess", "TimeoutStartSec", "Environment", "EnvironmentFile",
+                "ExecStartPre", "ExecStart",
                 "KillSignal", "TimeoutStopSec", "Restart", "RestartSec",
                 "RestartPreventExitStatus", "RuntimeDirectory", "RuntimeDirectoryMode",
                 "RuntimeDirectoryPreserve", "StateDirectory", "StateDirectoryMode",
@@ -287,8 +301,12 @@ def test_daemon_unit_capabilities_and_sandbox():
     # BCC reads the kernel headers under /lib/modules: that protection must stay off.
     assert "ProtectKernelModules" not in svc
     assert one["ExecStart"].split()[1:] == ["run", "--config", "/etc/ctstream/ctstream.toml"]
-    pre = one["ExecStartPre"].split()
-    assert pre[:4] == ["/usr/bin/install", "-d", "-m", "0700"]
+    # READY=1 comes from the daemon itself once attached (streamer/observe/sd_notify.py).
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
+    # The pin dir is the config file's alone (the daemon makes it 0700), and
+    # the installed package holds the BPF sources and schemas.
+    assert "ExecStartPre" not in svc
+    assert not any("CTSTREAM_" in e for e in svc.get("Environment", []))
 
 
 def test_account_unit_has_no_privileges():
@@ -297,6 +315,38 @@ def test_account_unit_has_no_privileges():
     argv = svc["ExecStart"][0].split()
     assert argv[1] == "account"
     assert {"--kafka", "--topic", "--db"} <= set(argv)
+
+
+def account_env() -> dict[str, str]:
+    """systemd/account.env's settings, and its commented-out ones."""
+    out = {}
+    for line in (REPO / "systemd" / "account.env").read_text().splitlines():
+        m = re.fullmatch(r"#?(CTSTREAM_[A-Z_]+)=(.*)", line.strip())
+        if m:
+            out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def test_account_unit_takes_the_password_from_its_environment_file():
+    from streamer.accounting.db import url_has_password
+    from streamer.settings import DB_PASSWORD_ENV
+
+    svc = parse_unit(ACCOUNT_UNIT)["Service"]
+    assert svc["EnvironmentFile"] == ["/etc/ctstream/account.env"]
+    assert not any("SCHEMA_DIR" in e for e in svc["Environment"])
+    env = account_env()
+    assert DB_PASSWORD_ENV in env                      # documented where it is set
+    dbs = env["CTSTREAM_DB"]
+    assert any(d.startswith("postgresql://") for d in dbs) and any(d.startswith("sqlite:") for d in dbs)
+    assert not any(url_has_password(d) for d in dbs), dbs
+    # The command line, with the file's settings filled in, is a valid
+    # account command with no password on it.
+    values = {k: v[-1] for k, v in env.items()}
+    argv = svc["ExecStart"][0].split()[1:]
+    argv = [re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], w) for w in argv]
+    for db in dbs:
+        a = load_config([*argv[:-1], db])
+        assert a.command == "account" and a.db == db and a.db_password_file is None
 
 
 def scratch_root(tmp_path: Path, units: list[Path]) -> Path:
@@ -377,9 +427,11 @@ def test_example_toml_is_a_valid_run_config():
     assert a.kafka == "127.0.0.1:9092" and a.topic == "ctstream.events"
     cfg = a.datapath  # validated: sizes, timeouts and the pin dir
     assert cfg.ring_bytes == 4 << 20
-    # The unit makes this pin dir 0700 and may write only under its state dir.
-    svc = parse_unit(UNIT)["Service"]
-    assert svc["ExecStartPre"][-1].split()[-1] == a.pin_dir
+    # The daemon makes this pin dir 0700; the unit names it nowhere (one
+    # place), lets the daemon write under /sys/fs/bpf and only its state dir.
+    unit_text = "\n".join(ln for ln in UNIT.read_text().splitlines() if not ln.startswith("#"))
+    assert a.pin_dir.startswith("/sys/fs/bpf/") and a.pin_dir not in unit_text
+    assert "/sys/fs/bpf" in parse_unit(UNIT)["Service"]["ReadWritePaths"][-1].split()
     assert a.spool.startswith("/var/lib/ctstream/")
 
 
@@ -469,7 +521,9 @@ def test_daemon_runs_with_exactly_the_units_capabilities(pin_dir):
         port = pair.udp_exchange(1, 50, family=4)
         rc, objs, more = _stop(p)
         assert rc == 0, err + more
-        assert any(o["type"] == "NEW" and o["sport"] == port for o in objs), objs
+        # -o json lines are wire records: CREATE, sourceTransportPort
+        assert any(o["eventType"] == "CREATE" and o["sourceTransportPort"] == port
+                   for o in objs), objs
         return err
 
     def refused(p: subprocess.Popen) -> str:

@@ -15,7 +15,7 @@ LAYERS = [
     ("streamer.delivery",),
     ("streamer.observe",),
     ("streamer.settings",),
-    ("streamer.accounting",),
+    ("streamer.accounting", "streamer.export"),
     ("streamer.daemon",),
     ("streamer.demo",),
     ("streamer.cli",),
@@ -70,7 +70,7 @@ def imports() -> dict[str, set[str]]:
 
 def test_roles_are_folders():
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert folders == {"datapath", "delivery", "observe", "accounting", "demo"}
+    assert folders == {"datapath", "delivery", "observe", "accounting", "export", "demo"}
     top = {p.stem for p in PKG.glob("*.py")}
     assert top == {"__init__", "errors", "settings", "daemon", "cli"}
 
@@ -82,6 +82,21 @@ def test_imports_run_down_the_layers():
             if layer_of(t) > layer_of(mod):
                 up.append(f"{mod} -> {t}")
     assert not up, "imports that run back up a layer:\n" + "\n".join(sorted(up))
+
+
+def test_only_the_command_line_imports_export():
+    """export and accounting share a layer but not code; nothing but cli
+    reaches into export (its consumer is a command, not a library)."""
+    graph = imports()
+    users = sorted(f"{mod} -> {t}" for mod, targets in graph.items()
+                   if not mod.startswith("streamer.export") and mod != "streamer.cli"
+                   for t in targets if t.startswith("streamer.export"))
+    assert not users, "\n".join(users)
+    borrowed = sorted(f"{mod} -> {t}" for mod, targets in graph.items()
+                      if mod.startswith("streamer.export")
+                      for t in targets if t.startswith("streamer.accounting"))
+    assert not borrowed, "\n".join(borrowed)
+    assert any(t.startswith("streamer.export") for t in graph["streamer.cli"])
 
 
 def test_no_import_cycles():

@@ -164,3 +164,12 @@ def test_reload_needed_names_what_only_a_restart_changes():
                                             "ring-size: 4194304 -> 1048576",
                                             "ipv6-limit: 65536 -> 1000"]
     assert settings.reload_needed(a, DatapathConfig(grace=20, report_interval=5)) == []
+
+
+def test_events_takes_a_node_id_for_its_json_records(tmp_path):
+    import socket
+
+    events = ["events", "-i", "lo"]
+    assert config(tmp_path, 'node-id = "gw-file"\n', command=events).node_or_host == "gw-file"
+    assert config(tmp_path, None, "--node-id", "gw-cli", command=events).node_or_host == "gw-cli"
+    assert config(tmp_path, None, command=events).node_or_host == socket.gethostname()
