@@ -346,4 +346,20 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
 	return ct_track(6, &p, cfg, now);
 }
 
+/* The tc entries' part (ingress and egress). A packet built by this host,
+ * or one GRO has merged, can keep headers outside the linear area: make the
+ * headers (not the payload) readable first. */
+#define CT_TC_HDR_PULL 128
+
+static __always_inline int ct_handle_skb(struct __sk_buff *skb)
+{
+	u32 linear = skb->data_end - skb->data;
+	if (linear < CT_TC_HDR_PULL && skb->len > linear)
+		bpf_skb_pull_data(skb, skb->len < CT_TC_HDR_PULL ? skb->len : CT_TC_HDR_PULL);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	int v = ct_handle(data, data_end, skb->len);
+	return v == CT_VERDICT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
 #endif /* CT_LOGIC_H */

@@ -212,6 +212,9 @@ SETTINGS: tuple[Setting, ...] = (
        DAEMON_CMDS, short="-i", metavar="IFACE", dest="ifaces", group="target"),
     _s("egress", "bool", False, "also attach a tc egress program, for connections that end "
        "on this host", DAEMON_CMDS, group="target"),
+    _s("ingress-hook", "choice", "xdp", "where packets received are tracked: xdp (before "
+       "the kernel's stack; --xdp-mode says how), or tc (the clsact ingress hook, after GRO, "
+       "where nf_conntrack looks too)", DAEMON_CMDS, choices=("xdp", "tc"), group="target"),
     _s("netns", "str", None, "network namespace of the interfaces (name in /run/netns)",
        DAEMON_CMDS, short="-n", group="target"),
     _s("keep", "bool", {"run": True, "events": False},
