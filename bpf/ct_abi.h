@@ -218,6 +218,12 @@ struct ct_config {
 };
 
 #define CT_CFG_DROP_UNTRACKED 0x1  /* drop, rather than pass, when the table is full */
+/* The event mask, as flags that leave events out (0, an older daemon's
+ * config, emits every event). DESTROY cannot be left out: it is what the
+ * outbox guarantees. An event left out takes no seq, so none is missing. */
+#define CT_CFG_QUIET_CREATE   0x2  /* no CREATE */
+#define CT_CFG_QUIET_ASSURED  0x4  /* no UPDATE when a flow becomes ASSURED */
+#define CT_CFG_QUIET_STATE    0x8  /* no UPDATE on a TCP state change */
 
 /* Global state, one element in the ct_global array map. 56 bytes. */
 struct ct_global {

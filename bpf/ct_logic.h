@@ -132,16 +132,22 @@ static __always_inline int ct_refresh(u32 fam, void *key, struct ct_entry *e, st
 	if (next != status && !ct_swap_half(&e->status_seq, 0, status, next))
 		next = status; /* another CPU moved it first; its change stands */
 
-	if (CT_ST_STATE(next) != state ||
-	    ((CT_ST_FLAGS(next) ^ CT_ST_FLAGS(status)) & CT_F_ASSURED)) {
+	int assured = (CT_ST_FLAGS(next) ^ CT_ST_FLAGS(status)) & CT_F_ASSURED;
+	if (CT_ST_STATE(next) != state || assured) {
 		/* A state with a shorter timeout brings expiry forward: file the
 		 * entry under the earlier slot (later ones are found lazily). */
 		u32 due = ct_due_slot(now, ct_timeout(cfg, proto, CT_ST_STATE(next)), now);
 		u32 sched = ct_sched_slot(e);
 		if (due < sched)
 			ct_reschedule(fam, key, e, sched, due);
-		ct_emit(CT_EV_UPDATE, fam, key, e, next, ct_next_seq(e), CT_END_NONE, 0, now, now);
-		return CT_REFRESH_DONE;
+		/* The event mask: a change that becomes ASSURED is an "assured"
+		 * UPDATE, any other a "state" one. Left out, the packet goes on
+		 * to the re-delivery and report checks below. */
+		if (!(cfg->flags & (assured ? CT_CFG_QUIET_ASSURED : CT_CFG_QUIET_STATE))) {
+			ct_emit(CT_EV_UPDATE, fam, key, e, next, ct_next_seq(e), CT_END_NONE, 0,
+				now, now);
+			return CT_REFRESH_DONE;
+		}
 	}
 
 	/* Events were lost to a full ring: the next packet re-delivers them. */
@@ -245,7 +251,7 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	ct_stat_inc(CT_STAT_CREATED);
 	ct_wheel_push(fam, key, due);
 	struct ct_entry *e = ct_tbl_lookup(fam, key);
-	if (e)
+	if (e && !(cfg->flags & CT_CFG_QUIET_CREATE))
 		ct_emit(CT_EV_CREATE, fam, key, e, status, ct_next_seq(e), CT_END_NONE, 0, now, now);
 	return CT_CREATE_OK;
 }
@@ -338,6 +344,22 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
 	if (p.family == 4)
 		return ct_track(4, &p, cfg, now);
 	return ct_track(6, &p, cfg, now);
+}
+
+/* The tc entries' part (ingress and egress). A packet built by this host,
+ * or one GRO has merged, can keep headers outside the linear area: make the
+ * headers (not the payload) readable first. */
+#define CT_TC_HDR_PULL 128
+
+static __always_inline int ct_handle_skb(struct __sk_buff *skb)
+{
+	u32 linear = skb->data_end - skb->data;
+	if (linear < CT_TC_HDR_PULL && skb->len > linear)
+		bpf_skb_pull_data(skb, skb->len < CT_TC_HDR_PULL ? skb->len : CT_TC_HDR_PULL);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	int v = ct_handle(data, data_end, skb->len);
+	return v == CT_VERDICT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
 #endif /* CT_LOGIC_H */

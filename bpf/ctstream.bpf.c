@@ -23,6 +23,7 @@
 
 #include "xdp_ingress.c"
 #include "tc_egress.c"
+#include "tc_ingress.c"
 #include "sweeper.c"
 #include "early_drop.c"
 #include "outbox_ack.c"

@@ -323,11 +323,12 @@ async def _serve(cfg: Config, sink, where: str, stop: asyncio.Event | None = Non
     try:
         install_signal_handlers(stop)
         asyncio.get_running_loop().set_exception_handler(_quiet_kafka_internals)
-        async with Session(cfg.datapath, Target(v["ifaces"], v["netns"], v["egress"]), sink=sink,
-                           keep=cfg.keep_on_stop, lost_interval=v["lost_interval"],
-                           parts=parts, config=cfg) as s:
+        target = Target(v["ifaces"], v["netns"], v["egress"], v["ingress_hook"])
+        async with Session(cfg.datapath, target, sink=sink, keep=cfg.keep_on_stop,
+                           lost_interval=v["lost_interval"], parts=parts, config=cfg) as s:
             adopted = " (adopted the pinned table)" if s.dp.adopted else ""
             print(f"ctstream: tracking on {', '.join(v['ifaces'])}"
+                  f"{' (tc ingress)' if target.ingress == 'tc' else ''}"
                   f"{' (+egress)' if v['egress'] else ''}{adopted}{' ' + where if where else ''}; "
                   f"Ctrl-C to stop", file=sys.stderr)
             waiter = asyncio.create_task(stop.wait())

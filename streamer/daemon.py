@@ -76,6 +76,7 @@ class Target:
     ifaces: list[str]
     netns: str | None = None
     egress: bool = False
+    ingress: str = "xdp"          # the ingress hook: "xdp" or "tc" (clsact ingress)
 
 
 @dataclass
@@ -234,7 +235,10 @@ class Session:
             self._attached = True   # the previous owner's programs are attached already
         previous = self.dp.previous_attachments() if self.dp.adopted else []
         for ifname in self.target.ifaces:
-            self.dp.attach_xdp(ifname, self.target.netns)
+            if self.target.ingress == "tc":
+                self.dp.attach_tc_ingress(ifname, self.target.netns)
+            else:
+                self.dp.attach_xdp(ifname, self.target.netns)
             if self.target.egress:
                 self.dp.attach_tc_egress(ifname, self.target.netns)
         # What the previous owner attached and this one does not want goes.

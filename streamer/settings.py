@@ -29,7 +29,8 @@ import socket
 import tomllib
 from dataclasses import dataclass
 
-from .datapath.config import DEFAULT_PIN_DIR, XDP_MODES, DatapathConfig, Timeouts
+from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, XDP_MODES, DatapathConfig,
+                              Timeouts)
 from .datapath.conntrack_text import parse_output
 from .errors import ConfigError
 
@@ -213,6 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
        DAEMON_CMDS, short="-i", metavar="IFACE", dest="ifaces", group="target"),
     _s("egress", "bool", False, "also attach a tc egress program, for connections that end "
        "on this host", DAEMON_CMDS, group="target"),
+    _s("ingress-hook", "choice", "xdp", "where packets received are tracked: xdp (before "
+       "the kernel's stack; --xdp-mode says how), or tc (the clsact ingress hook, after GRO, "
+       "where nf_conntrack looks too)", DAEMON_CMDS, choices=("xdp", "tc"), group="target"),
     _s("netns", "str", None, "network namespace of the interfaces (name in /run/netns)",
        DAEMON_CMDS, short="-n", group="target"),
     _s("keep", "bool", {"run": True, "events": False},
@@ -235,6 +239,12 @@ SETTINGS: tuple[Setting, ...] = (
        DAEMON_CMDS, group="datapath"),
     _s("report-interval", "seconds", _D.report_interval,
        "seconds between UPDATEs of a long flow, 0 = off", DAEMON_CMDS, metavar="S",
+       group="datapath"),
+    _s("event-mask", "list", {"run": ["new", "assured", "destroy"],
+                              "events": list(EVENT_MASK_NAMES)},
+       "the events a flow emits, of new, assured (the UPDATE that marks it ASSURED), state "
+       "(an UPDATE on every other TCP state change) and destroy (always); periodic reports "
+       "come with --report-interval", DAEMON_CMDS, metavar="EVENT[,EVENT]",
        group="datapath"),
     _s("xdp-mode", "choice", _D.xdp_mode, "auto tries native, then generic", DAEMON_CMDS,
        choices=XDP_MODES, group="datapath"),
@@ -535,7 +545,8 @@ def datapath_config(v: dict) -> DatapathConfig:
         pin_dir=v["pin_dir"], table_limit=v["table_size"], ring_bytes=v["ring_size"],
         report_interval=v["report_interval"], xdp_mode=v["xdp_mode"],
         drop_untracked=v["drop_untracked"], ipv6_limit=v["ipv6_limit"], grace=v["grace"],
-        early_drop_high=hi, early_drop_low=lo,
+        early_drop_high=hi, early_drop_low=lo, event_mask=tuple(n.strip() for item in v["event_mask"]
+                                                           for n in item.split(",") if n.strip()),
         timeouts=Timeouts(syn=v["timeout_syn"], established=v["timeout_established"],
                           fin=v["timeout_fin"], udp=v["timeout_udp"], icmp=v["timeout_icmp"],
                           other=v["timeout_other"]),

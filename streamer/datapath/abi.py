@@ -48,6 +48,7 @@ TO_SYN, TO_EST, TO_FIN, TO_UDP, TO_ICMP, TO_OTHER = 0, 1, 2, 3, 4, 5
 TO_MAX = 8
 
 CFG_DROP_UNTRACKED = 0x1
+CFG_QUIET_CREATE, CFG_QUIET_ASSURED, CFG_QUIET_STATE = 0x2, 0x4, 0x8
 
 # Flags in the top bits of an entry's last_ns (bpf/ct_abi.h, CT_LAST_*).
 LAST_DEAD, LAST_OUTBOX, LAST_BUSY = 1 << 63, 1 << 62, 1 << 61

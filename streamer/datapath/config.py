@@ -55,6 +55,17 @@ def _ns(seconds: float) -> int:
     return int(round(seconds * 1e9))
 
 
+# The event mask's names: the events a flow can emit. "assured" is the
+# UPDATE that marks a flow ASSURED (TCP: the handshake completed; UDP, ICMP:
+# a reply seen), "state" an UPDATE on any other TCP state change. Periodic
+# reports (report_interval) and the re-delivery of events a full ring
+# refused are not masked. A DESTROY is never left out: the outbox and its
+# acks exist for it.
+EVENT_MASK_NAMES = ("new", "assured", "state", "destroy")
+_QUIET_FLAGS = {"new": abi.CFG_QUIET_CREATE, "assured": abi.CFG_QUIET_ASSURED,
+                "state": abi.CFG_QUIET_STATE}
+
+
 @dataclass
 class DatapathConfig:
     pin_dir: str = DEFAULT_PIN_DIR
@@ -70,6 +81,8 @@ class DatapathConfig:
     early_drop_high: float = 0.90        # fill (live + outbox) that starts early drop
     early_drop_low: float = 0.80         # live fill at which early drop stops
     ipv6_limit: int | None = None        # IPv6 entries at most; None: see ipv6_capacity()
+    # The events emitted (EVENT_MASK_NAMES); a DESTROY always is.
+    event_mask: tuple[str, ...] = EVENT_MASK_NAMES
 
     def ipv6_capacity(self) -> int:
         """The IPv6 map's capacity. Each place costs a 16-byte hash bucket
@@ -116,6 +129,14 @@ class DatapathConfig:
                               f"high one ({self.early_drop_high})", setting="early-drop")
         if self.ipv6_limit is not None:
             _int_in("IPv6 limit", self.ipv6_limit, 16, self.table_limit, "ipv6-limit")
+        unknown = [n for n in self.event_mask if n not in EVENT_MASK_NAMES]
+        if unknown:
+            raise ConfigError(f"event mask: unknown event {unknown[0]!r}; the events are "
+                              f"{', '.join(EVENT_MASK_NAMES)}", setting="event-mask")
+        if "destroy" not in self.event_mask:
+            raise ConfigError("event mask: destroy cannot be left out (every DESTROY is "
+                              "delivered: the outbox keeps it until it is acked)",
+                              setting="event-mask")
         if self.xdp_mode not in XDP_MODES:
             raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}",
                               setting="xdp-mode")
@@ -123,6 +144,9 @@ class DatapathConfig:
 
     def map_config_bytes(self) -> bytes:
         flags = abi.CFG_DROP_UNTRACKED if self.drop_untracked else 0
+        for name, quiet in _QUIET_FLAGS.items():
+            if name not in self.event_mask:
+                flags |= quiet
         return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
                                self.table_limit, flags, grace_ns=_ns(self.grace),
                                early_low=self.early_low_entries(),

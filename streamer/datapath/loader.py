@@ -45,9 +45,13 @@ STATE_DIR = Path("/run/ctstream")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 TC_EGRESS_PARENT = "ffff:fff3"
+TC_INGRESS_PARENT = "ffff:fff2"
+# The tc attachments: kind -> (program, clsact parent).
+TC_HOOKS = {"tc-ingress": ("ct_tc_ingress", TC_INGRESS_PARENT),
+            "tc-egress": ("ct_tc_egress", TC_EGRESS_PARENT)}
 TC_PRIO = 49152  # tc's default first priority; our filter is found by name
 
-PROGRAMS = ("ct_xdp_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6",
+PROGRAMS = ("ct_xdp_ingress", "ct_tc_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6",
             "ct_early4", "ct_early6", "ct_ack4", "ct_ack6")
 
 _INCLUDE = re.compile(r'\s*#\s*include\s+"([A-Za-z0-9_.]+)"\s*$')
@@ -129,7 +133,7 @@ def ifindex(ifname: str, ns: str | None = None) -> int:
 @dataclass
 class Attachment:
     ifname: str
-    kind: str            # "xdp" | "tc-egress"
+    kind: str            # "xdp" | "tc-ingress" | "tc-egress"
     netns: str | None
     mode: str = ""       # xdp: "native" | "generic"
     own_clsact: bool = False
@@ -252,9 +256,19 @@ class Datapath:
         raise InterfaceError(f"cannot attach XDP ({mode}) to {ifname}: {last}")
 
     def attach_tc_egress(self, ifname: str, ns: str | None = None) -> Attachment:
+        return self.attach_tc(ifname, "tc-egress", ns)
+
+    def attach_tc_ingress(self, ifname: str, ns: str | None = None) -> Attachment:
+        return self.attach_tc(ifname, "tc-ingress", ns)
+
+    def attach_tc(self, ifname: str, kind: str, ns: str | None = None) -> Attachment:
+        """Our program on the clsact qdisc's ingress or egress side. The
+        qdisc is ours (removed on detach) only if we added it; ingress and
+        egress on one interface share it."""
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
+        prog, parent = TC_HOOKS[kind]
         idx = ifindex(ifname, ns)
         own = False
         with netns.entered(ns), IPRoute() as ipr:
@@ -265,18 +279,18 @@ class Datapath:
                 if exc.code != errno.EEXIST:
                     raise InterfaceError(f"cannot add clsact qdisc on {ifname}: {exc}") from exc
             for old in load_attachments(self.cfg.pin_dir):
-                if (old.ifname, old.kind, old.netns) == (ifname, "tc-egress", ns):
+                if (old.ifname, old.kind, old.netns) == (ifname, kind, ns):
                     own = own or old.own_clsact  # adopted: the clsact is still ours
             try:
                 # replace: an adopted filter is swapped for ours in one step
-                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.prog_fd("ct_tc_egress"),
-                       name="ct_tc_egress", parent=TC_EGRESS_PARENT, classid=1,
-                       direct_action=True, prio=TC_PRIO)
+                ipr.tc("replace-filter", "bpf", idx, ":1", fd=self.prog_fd(prog),
+                       name=prog, parent=parent, classid=1, direct_action=True, prio=TC_PRIO)
             except NetlinkError as exc:
                 if own:
                     ipr.tc("del", "clsact", idx)
-                raise InterfaceError(f"cannot attach tc egress program to {ifname}: {exc}") from exc
-        att = Attachment(ifname, "tc-egress", ns, own_clsact=own)
+                raise InterfaceError(f"cannot attach the {kind} program to {ifname}: "
+                                     f"{exc}") from exc
+        att = Attachment(ifname, kind, ns, own_clsact=own)
         self._record(att)
         return att
 
@@ -360,12 +374,20 @@ def _detach_xdp(att: Attachment) -> None:
 
 def _detach_tc(att: Attachment) -> None:
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     idx = ifindex(att.ifname, att.netns)
+    _, parent = TC_HOOKS.get(att.kind, TC_HOOKS["tc-egress"])
     with netns.entered(att.netns), IPRoute() as ipr:
-        if att.own_clsact:
-            ipr.tc("del", "clsact", idx)
-        else:
-            ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_PRIO)
+        try:
+            if att.own_clsact:
+                ipr.tc("del", "clsact", idx)
+            else:
+                ipr.tc("del-filter", "bpf", idx, ":1", parent=parent, prio=TC_PRIO)
+        except NetlinkError as exc:
+            # The other side's detach removed the shared qdisc, and our
+            # filter with it.
+            if exc.code not in (errno.ENOENT, errno.EINVAL):
+                raise
 
 
 def acquire_lock(pin_dir: str):

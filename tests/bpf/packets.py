@@ -31,8 +31,9 @@ from streamer.datapath import bpfsys
 XDP_ABORTED, XDP_DROP, XDP_PASS = 0, 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 VERDICTS = {"xdp": {"pass": XDP_PASS, "drop": XDP_DROP},
-            "tc": {"pass": TC_ACT_OK, "drop": TC_ACT_SHOT}}
-PROGS = {"xdp": "ct_xdp_ingress", "tc": "ct_tc_egress"}
+            "tc": {"pass": TC_ACT_OK, "drop": TC_ACT_SHOT},
+            "tc-ingress": {"pass": TC_ACT_OK, "drop": TC_ACT_SHOT}}
+PROGS = {"xdp": "ct_xdp_ingress", "tc": "ct_tc_egress", "tc-ingress": "ct_tc_ingress"}
 
 PROTO = {"tcp": 6, "udp": 17, "icmp": 1}
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -60,14 +61,17 @@ def swap16(v: int) -> int:
 
 @dataclass(frozen=True)
 class Pkt:
-    """One frame and the program it is handed to: "xdp" (ct_xdp_ingress) or
-    "tc" (ct_tc_egress)."""
+    """One frame and the program it is handed to: "xdp" (ct_xdp_ingress),
+    "tc" (ct_tc_egress) or "tc-ingress" (ct_tc_ingress)."""
 
     data: bytes
     hook: str = "xdp"
 
     def via_tc(self) -> "Pkt":
         return replace(self, hook="tc")
+
+    def via_tc_ingress(self) -> "Pkt":
+        return replace(self, hook="tc-ingress")
 
     @property
     def l3_len(self) -> int:

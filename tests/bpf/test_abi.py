@@ -101,7 +101,7 @@ def test_every_c_constant_has_a_python_mirror():
     header = ABI_HEADER.read_text()
     mirrored = set(_c_constants())
     groups = ("CT_EV_", "CT_S_", "CT_F_", "CT_END_", "CT_TO_", "CT_STAT_", "CT_DIR_",
-              "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_")
+              "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_", "CT_CFG_")
     defined = {m for m in re.findall(r"^#define\s+(CT_[A-Z0-9_]+)\s", header, re.M)
                if m.startswith(groups)}
     assert defined, "no constants found in ct_abi.h"

@@ -82,6 +82,8 @@ BAD_FILES = [
     ('interface = ["eth0", ["x"]]\n', 1, "must be a string, number, boolean"),
     ('early-drop = "0.5,0.9"\n', 1, "low watermark"),
     ("kafka = \n", 1, "not valid TOML"),
+    ('event-mask = ["new", "assured"]\n', 1, "event-mask: event mask: destroy cannot be left out"),
+    ('event-mask = ["new", "destroy", "reports"]\n', 1, "unknown event 'reports'"),
 ]
 
 
@@ -173,3 +175,17 @@ def test_events_takes_a_node_id_for_its_json_records(tmp_path):
     assert config(tmp_path, 'node-id = "gw-file"\n', command=events).node_or_host == "gw-file"
     assert config(tmp_path, None, "--node-id", "gw-cli", command=events).node_or_host == "gw-cli"
     assert config(tmp_path, None, command=events).node_or_host == socket.gethostname()
+
+
+def test_event_mask_defaults_per_command_and_takes_commas(tmp_path):
+    """run emits NEW, the ASSURED UPDATE and DESTROY (3 events for a short
+    TCP connection); events, a tool read by people as conntrack -E is, every
+    state change too. One word may list several events, comma separated."""
+    run = config(tmp_path, None, "-i", "lo").datapath
+    assert run.event_mask == ("new", "assured", "destroy")
+    assert run.map_config_bytes() != DatapathConfig().map_config_bytes()
+    events = config(tmp_path, None, "-i", "lo", command=["events"]).datapath
+    assert events.event_mask == ("new", "assured", "state", "destroy")
+    assert events.map_config_bytes() == DatapathConfig().map_config_bytes()
+    mine = config(tmp_path, None, "-i", "lo", "--event-mask", "state,destroy").datapath
+    assert mine.event_mask == ("state", "destroy")
