@@ -4,7 +4,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-scale bench-pipeline clean
+.PHONY: setup demo test bench bench-scale bench-pipeline bench-peer clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,14 @@ bench-scale: setup
 # ctstream run end to end with a real broker (about 4 min): bench/README.md.
 bench-pipeline: setup
 	$(PY) bench/pipeline.py --variants default,no-archive,lz4 --rounds 2 $(BENCH_ARGS)
+
+# ctstream beside the kernel's nf_conntrack on real traffic, and DESTROY
+# delivery against conntrack -E (about 10 min; BENCH_ARGS=--quick about 2 min):
+# bench/README.md "Side by side with nf_conntrack". The chart needs matplotlib
+# (not a dependency of the package), installed here when it is missing.
+bench-peer: setup
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.6,<4'
+	$(PY) bench/peer.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -29,8 +29,8 @@ import socket
 import tomllib
 from dataclasses import dataclass
 
-from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, XDP_MODES, DatapathConfig,
-                              Timeouts)
+from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, RUN_EVENT_MASK, XDP_MODES,
+                              DatapathConfig, Timeouts)
 from .datapath.conntrack_text import parse_output
 from .errors import ConfigError
 
@@ -240,7 +240,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("report-interval", "seconds", _D.report_interval,
        "seconds between UPDATEs of a long flow, 0 = off", DAEMON_CMDS, metavar="S",
        group="datapath"),
-    _s("event-mask", "list", {"run": ["new", "assured", "destroy"],
+    _s("event-mask", "list", {"run": list(RUN_EVENT_MASK),
                               "events": list(EVENT_MASK_NAMES)},
        "the events a flow emits, of new, assured (the UPDATE that marks it ASSURED), state "
        "(an UPDATE on every other TCP state change) and destroy (always); periodic reports "

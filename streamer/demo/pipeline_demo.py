@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..datapath.config import DatapathConfig, Timeouts
+from ..datapath.config import RUN_EVENT_MASK, DatapathConfig, Timeouts
 from ..errors import EnvironmentProblem, StreamerError
 from .local_servers import free_port_pair
 
@@ -201,7 +201,8 @@ async def run_pipeline_demo(pin_dir: str, output: str = "text") -> int:
         await asyncio.to_thread(broker.topic_create, TOPIC, PARTITIONS)
         say(f"topic {TOPIC}: {PARTITIONS} partitions")
         cfg = DatapathConfig(pin_dir=pin_dir, timeouts=TIMEOUTS, report_interval=0,
-                             table_limit=8192, sweep_interval=0.2, grace=4.0)
+                             table_limit=8192, sweep_interval=0.2, grace=4.0,
+                             event_mask=RUN_EVENT_MASK)
         say("creating namespaces (client 198.18.0.1 / 2001:2::1 <-> "
             "server 198.18.0.2 / 2001:2::2)")
         with testbed.make_pair(prefix="ctsdemo", offloads=False, conntrack=True) as pair:

@@ -46,10 +46,14 @@ READ_TIMEOUT_S = 60
 
 
 class PastClock(Clock):
-    """Monotonic to wall time as if the events had been made `hours` ago."""
+    """Ring times to wall time as if the events had been made `hours` ago:
+    the test's ring times count from 1 s (raw_event's ts_ns), which maps to
+    `hours` before now, whatever the machine's uptime (a real monotonic
+    offset would put them before the spooled records on a host up for more
+    than an hour)."""
 
     def __init__(self, hours: float):
-        self.offset = time.time_ns() - time.monotonic_ns() - int(hours * HOUR_NS)
+        self.offset = time.time_ns() - int(hours * HOUR_NS) - 1_000_000_000
 
     def wall_ns(self, mono_ns: int) -> int:
         return mono_ns + self.offset

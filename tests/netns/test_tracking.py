@@ -1,9 +1,13 @@
 """The datapath against the kernel's own nf_conntrack, with real traffic.
 
-Two namespaces joined by veth (streamer.demo.testbed, offloads off so every hook
-sees wire-sized packets), the real datapath attached to the server's veth
-(XDP ingress + tc egress), and real TCP, UDP, ICMP echo, iperf3 and many short
-connections over IPv4 and IPv6. The kernel's conntrack in the server namespace
+Two namespaces joined by veth (streamer.demo.testbed), the real datapath
+attached to the server's veth, and real TCP, UDP, ICMP echo, iperf3 and many
+short connections over IPv4 and IPv6. Two setups, each a whole run:
+- XDP ingress + tc egress, offloads off, so that every hook sees wire-sized
+  packets (XDP runs before GRO, nf_conntrack after it);
+- tc ingress + tc egress with offloads on (TSO, GSO, GRO: the default of a
+  veth), where ctstream's hooks see the very skbs nf_conntrack sees, merged
+  segments and all: the counters must be equal there too. The kernel's conntrack in the server namespace
 sees the same packets and is the reference: for every connection, ctstream's
 DESTROY must carry the kernel's tuple, TCP state and per-direction packet and
 byte counters, and every connection must produce exactly one NEW and one
@@ -105,13 +109,15 @@ class Run:
         return out
 
 
-async def _record_all_traffic(pin_dir: str) -> Run:
+async def _record_all_traffic(pin_dir: str, hook: str, offloads: bool, index: int) -> Run:
     events: list[Event] = []
     kernel: dict[tuple, testbed.KernelFlow] = {}
     flows_of: dict[str, set[tuple]] = {}
     cfg = DatapathConfig(pin_dir=pin_dir, timeouts=TIMEOUTS, report_interval=0)
-    with testbed.make_pair(prefix="ctstrk", offloads=False, conntrack=True, index=0) as pair:
-        target = Target([pair.server.ifname], netns=pair.server.netns, egress=True)
+    with testbed.make_pair(prefix="ctstrk", offloads=offloads, conntrack=True,
+                           index=index) as pair:
+        target = Target([pair.server.ifname], netns=pair.server.netns, egress=True,
+                        ingress=hook)
         async with Session(cfg, target, events.append) as s:
             for name, traffic, _ in TRAFFIC:
                 await asyncio.to_thread(traffic, pair)
@@ -129,11 +135,15 @@ async def _record_all_traffic(pin_dir: str) -> Run:
     return Run(events, kernel, flows_of, drained, stats, rejected)
 
 
-@pytest.fixture(scope="module")
-def run():
+# (ingress hook, offloads, test bed pair index)
+SETUPS = {"xdp-offloads-off": ("xdp", False, 0), "tc-ingress-offloads-on": ("tc", True, 2)}
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def run(request):
     pin_dir = private_pin_dir()
     try:
-        yield asyncio.run(_record_all_traffic(pin_dir))
+        yield asyncio.run(_record_all_traffic(pin_dir, *SETUPS[request.param]))
     finally:
         remove_pin_dir(pin_dir)
 
