@@ -97,7 +97,12 @@ class Nfcapd:
                                  text=True, timeout=60, env=UTC)
             assert res.returncode == 0, res.stderr
             text = res.stdout.strip()
-            out += json.loads(text) if text else []
+            # nfcapd starts a file at each -t boundary (a whole hour here):
+            # a run across one leaves a file that may hold no flow, which
+            # nfdump 1.7.1 prints as this instead of [].
+            if not text or re.fullmatch(r"\[\s*No matching flows\s*\]", text):
+                continue
+            out += json.loads(text)
         return out
 
 
