@@ -37,8 +37,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from streamer.datapath import abi
-from streamer import bpfsys  # noqa: E402
+from streamer.datapath import abi, bpfsys  # noqa: E402
 from streamer.datapath.config import DatapathConfig, Timeouts  # noqa: E402
 
 XDP_PASS = 2
