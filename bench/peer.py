@@ -59,7 +59,7 @@ from streamer.datapath.table import PinnedTable  # noqa: E402
 from streamer.delivery import wire  # noqa: E402
 from streamer.errors import StreamerError  # noqa: E402
 from streamer.demo import testbed  # noqa: E402
-from streamer.demo.local_servers import live_pids  # noqa: E402
+from streamer.demo.local_servers import live_pids, read_topic_to_end  # noqa: E402
 from streamer.demo.pipeline_demo import DemoBroker  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -649,34 +649,13 @@ def listeners(bench) -> list[Listener]:
 
 async def ctstream_destroys(bootstrap: str, topic: str, node: str) -> set[tuple[str, int, int]]:
     """(source address, sport, dport) of the ASSURED DESTROYs of `node` in the topic."""
-    import aiokafka
-    from aiokafka.structs import TopicPartition
-
-    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                         enable_auto_commit=False)
     out = set()
-    try:
-        await consumer.start()
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        todo = {tp for tp in tps if ends[tp] > 0}
-        async with asyncio.timeout(300):
-            while todo:
-                got = await consumer.getmany(*todo, timeout_ms=1000, max_records=20_000)
-                for tp, batch in got.items():
-                    for m in batch:
-                        rec = wire.decode(m.value)
-                        if (m.offset < ends[tp] and rec.get("eventType") == "DESTROY"
-                                and rec.get("nodeId") == node and rec.get("assured")):
-                            out.add((rec.get("sourceIPv4Address"), rec["sourceTransportPort"],
-                                     rec["destinationTransportPort"]))
-                for tp in list(todo):
-                    if await consumer.position(tp) >= ends[tp]:
-                        todo.discard(tp)
-    finally:
-        await consumer.stop()
+    async for m in read_topic_to_end(bootstrap, topic, PARTITIONS, timeout_s=300,
+                                     max_records=20_000):
+        rec = wire.decode(m.value)
+        if rec.get("eventType") == "DESTROY" and rec.get("nodeId") == node and rec.get("assured"):
+            out.add((rec.get("sourceIPv4Address"), rec["sourceTransportPort"],
+                     rec["destinationTransportPort"]))
     return out
 
 

@@ -1,10 +1,11 @@
 """What the servers the project's scripts start (scripts/kafka.sh,
 mosquitto.sh, postgres.sh) need from Python: free loopback ports to give
-them, and their live processes, to check that a stop left none behind.
-Shared by the demo, the benchmarks and the tests."""
+them, their live processes, to check that a stop left none behind, and a
+topic read to its end. Shared by the demo, the benchmarks and the tests."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -51,3 +52,34 @@ def live_pids(*needles: bytes, argv0: bytes = b"") -> list[int]:
         if state != "Z" and cmdline.startswith(argv0) and all(n in cmdline for n in needles):
             pids.append(int(proc.name))
     return pids
+
+
+async def read_topic_to_end(bootstrap: str, topic: str, partitions: int, *,
+                            timeout_s: float = 60, max_records: int = 10_000):
+    """Every message of `topic` up to the end offsets it has when the read
+    starts, partition by partition as they come (an async generator); no
+    group, nothing committed. TimeoutError after timeout_s."""
+    import aiokafka
+    from aiokafka.structs import TopicPartition
+
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                         enable_auto_commit=False)
+    try:
+        await consumer.start()       # in the try: a failed start is stopped too
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > 0}
+        async with asyncio.timeout(timeout_s):
+            while todo:
+                got = await consumer.getmany(*todo, timeout_ms=1000, max_records=max_records)
+                for tp, batch in got.items():
+                    for m in batch:
+                        if m.offset < ends[tp]:
+                            yield m
+                for tp in list(todo):
+                    if await consumer.position(tp) >= ends[tp]:
+                        todo.discard(tp)
+    finally:
+        await consumer.stop()

@@ -110,38 +110,16 @@ def _traffic(pair) -> None:
 
 async def _destroys_in_topic(bootstrap: str, topic: str) -> tuple[set, dict]:
     """(nodeId, ctId) of every DESTROY in the topic, and records by type."""
-    import aiokafka
-    from aiokafka.structs import TopicPartition
-
     from ..delivery import wire
+    from .local_servers import read_topic_to_end
 
-    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                         enable_auto_commit=False)
     destroys, by_type = set(), {}
-    try:
-        await consumer.start()       # in the try: a failed start is stopped too
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        todo = {tp for tp in tps if ends[tp] > 0}
-        async with asyncio.timeout(60):
-            while todo:
-                got = await consumer.getmany(*todo, timeout_ms=1000, max_records=10_000)
-                for tp, batch in got.items():
-                    for m in batch:
-                        if m.offset >= ends[tp]:
-                            continue
-                        rec = wire.decode(m.value)
-                        wire.validate(rec)
-                        by_type[rec["eventType"]] = by_type.get(rec["eventType"], 0) + 1
-                        if rec["eventType"] == "DESTROY":
-                            destroys.add((rec["nodeId"], rec["ctId"]))
-                for tp in list(todo):
-                    if await consumer.position(tp) >= ends[tp]:
-                        todo.discard(tp)
-    finally:
-        await consumer.stop()
+    async for m in read_topic_to_end(bootstrap, topic, PARTITIONS):
+        rec = wire.decode(m.value)
+        wire.validate(rec)
+        by_type[rec["eventType"]] = by_type.get(rec["eventType"], 0) + 1
+        if rec["eventType"] == "DESTROY":
+            destroys.add((rec["nodeId"], rec["ctId"]))
     return destroys, by_type
 
 
