@@ -45,6 +45,7 @@
 #define CT_END_RST    3 /* reset */
 #define CT_END_REUSE  4 /* tuple reused by a new SYN after close */
 #define CT_END_EARLY  5 /* dropped early under table pressure ("lack of resources") */
+#define CT_END_IGNORED 6 /* the configuration now ignores the flow (a live apply) */
 
 /* Bits of struct ct_event.missed and of the entry's missed mask: event types
  * that could not be written to the ring (1 << (type - 1)). */
@@ -98,6 +99,8 @@
 #define CT_STAT_ACKED           18 /* outbox entries removed by the daemon's ack */
 #define CT_STAT_ACK_STALE       19 /* acks that matched nothing (late or duplicate) */
 #define CT_STAT_OUTBOX_FULL     20 /* tuple reused, no generation free: a DESTROY left unguarded */
+#define CT_STAT_IGNORED_PACKETS 21 /* packets of flows the selection ignores (passed untouched) */
+#define CT_STAT_IGNORED_BYTES   22
 #define CT_STAT__MAX            24
 
 /* Flags in the top bits of ct_entry.last_ns (CLOCK_MONOTONIC nanoseconds
@@ -224,6 +227,59 @@ struct ct_config {
 #define CT_CFG_QUIET_CREATE   0x2  /* no CREATE */
 #define CT_CFG_QUIET_ASSURED  0x4  /* no UPDATE when a flow becomes ASSURED */
 #define CT_CFG_QUIET_STATE    0x8  /* no UPDATE on a TCP state change */
+/* Traffic selection (streamer/datapath/selection.py): look the flow's
+ * addresses up in the slot's ct_sel4/ct_sel6 sets; without it every flow is
+ * tracked and nothing is looked up. _IFACE: some interface has a set of its
+ * own, so look under the packet's ifindex first. */
+#define CT_CFG_SELECT         0x10
+#define CT_CFG_SELECT_IFACE   0x20
+
+/* Configuration generations. ct_config holds two slots and ct_sel4/6 two
+ * sets (the slot is part of their key); ct_meta.generation says which is in
+ * force: slot = generation & 1. The daemon builds the next generation in
+ * the other slot and switches to it with one write of ct_meta, so a packet,
+ * which reads ct_meta once, sees the whole old or the whole new
+ * configuration (streamer/datapath/generation.py). */
+#define CT_CONFIG_SLOTS 2
+
+/* The layout of the pinned maps: bumped when a pinned map's key, value or
+ * size rule changes, so that a daemon refuses a table it would misread.
+ * Layout 1 had no ct_meta (and one ct_config slot). */
+#define CT_LAYOUT_VERSION 2
+
+/* Verdicts of the selection sets (struct ct_sel.verdict). */
+#define CT_SEL_TRACK  1
+#define CT_SEL_IGNORE 2
+
+/* The generation in force and the pinned maps' layout, one element in the
+ * ct_meta array map. 16 bytes. */
+struct ct_meta {
+	__u64 generation;          /* its low bit is the ct_config/ct_sel slot in force */
+	__u32 layout;              /* CT_LAYOUT_VERSION of the programs that made the maps */
+	__u32 _pad;
+};
+
+/* Selection set keys (LPM tries). prefixlen counts the bits after it: slot
+ * and ifindex always in full (64), then the prefix's own. 16 and 28 bytes. */
+struct ct_sel_key4 {
+	__u32 prefixlen;
+	__u32 slot;
+	__u32 ifindex;             /* 0: the top level's set */
+	__u8  addr[4];
+};
+
+struct ct_sel_key6 {
+	__u32 prefixlen;
+	__u32 slot;
+	__u32 ifindex;
+	__u8  addr[16];
+};
+
+struct ct_sel {
+	__u8  verdict;             /* CT_SEL_* */
+	__u8  plen;                /* the prefix's own length, to compare two matches */
+	__u16 _pad;
+};
 
 /* Global state, one element in the ct_global array map. 56 bytes. */
 struct ct_global {
@@ -307,6 +363,10 @@ _Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
 _Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
 _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
 _Static_assert(sizeof(struct ct_global) == 56, "ct_global size");
+_Static_assert(sizeof(struct ct_meta) == 16, "ct_meta size");
+_Static_assert(sizeof(struct ct_sel_key4) == 16, "ct_sel_key4 size");
+_Static_assert(sizeof(struct ct_sel_key6) == 28, "ct_sel_key6 size");
+_Static_assert(sizeof(struct ct_sel) == 4, "ct_sel size");
 _Static_assert(sizeof(struct ct_wheel_chunk4) == 952, "ct_wheel_chunk4 size");
 _Static_assert(sizeof(struct ct_wheel_chunk6) == 928, "ct_wheel_chunk6 size");
 _Static_assert(48 + 8 + sizeof(struct ct_wheel_chunk4) + 8 <= 1024, "a chunk4 element fits 1 KiB");

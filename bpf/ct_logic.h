@@ -315,8 +315,82 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 	return ct_untracked(p, cfg, 0);
 }
 
-/* The datapath entry shared by XDP and tc. */
-static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
+/* The best match of one address in the slot's selection: plen << 8 |
+ * verdict, 0 if the set has no entry for it. */
+static __always_inline u32 ct_sel_match(u32 fam, void *addr, u32 slot, u32 ifindex)
+{
+	struct ct_sel *v = 0;
+	if (fam == 4) {
+		struct ct_sel_key4 k = {.prefixlen = 64 + 32, .slot = slot, .ifindex = ifindex};
+		__builtin_memcpy(k.addr, addr, 4);
+		v = ct_sel4.lookup(&k);
+		if (!v && ifindex) {
+			k.ifindex = 0;
+			v = ct_sel4.lookup(&k);
+		}
+	} else {
+		struct ct_sel_key6 k = {.prefixlen = 64 + 128, .slot = slot, .ifindex = ifindex};
+		__builtin_memcpy(k.addr, addr, 16);
+		v = ct_sel6.lookup(&k);
+		if (!v && ifindex) {
+			k.ifindex = 0;
+			v = ct_sel6.lookup(&k);
+		}
+	}
+	return v ? ((u32)v->plen << 8) | v->verdict : 0;
+}
+
+/* Whether the selection ignores the packet's flow: the longer match of its
+ * two addresses decides; on a tie, ignore wins. A set always holds a /0
+ * entry with its default, so a miss only means maps being rebuilt under a
+ * generation not in force: then the flow is tracked. */
+static __always_inline int ct_is_ignored(u32 fam, struct ct_pkt *p, u32 slot, u32 ifindex)
+{
+	void *sa, *da;
+	if (fam == 4) {
+		sa = &p->k4.saddr;
+		da = &p->k4.daddr;
+	} else {
+		sa = p->k6.saddr;
+		da = p->k6.daddr;
+	}
+	u32 a = ct_sel_match(fam, sa, slot, ifindex);
+	u32 b = ct_sel_match(fam, da, slot, ifindex);
+	if (!a || !b)
+		return 0;
+	if ((a >> 8) != (b >> 8))
+		return (((a >> 8) > (b >> 8) ? a : b) & 0xff) == CT_SEL_IGNORE;
+	return (a & 0xff) == CT_SEL_IGNORE || (b & 0xff) == CT_SEL_IGNORE;
+}
+
+/* A packet of a flow the selection ignores: passed untouched and counted.
+ * A connection tracked before an apply made it ignored ends here, with its
+ * DESTROY (end reason "ignored"; this packet is not counted to it). */
+static __always_inline int ct_ignore(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now)
+{
+	union ct_key *key = (union ct_key *)p;
+	union ct_key rkey = {};
+	void *ekey = key;
+	struct ct_entry *e = ct_tbl_lookup(fam, key);
+	if (!e || (e->last_ns & CT_LAST_DEAD)) {
+		ct_key_reverse(fam, &rkey, key);
+		ekey = &rkey;
+		e = ct_tbl_lookup(fam, &rkey);
+	}
+	if (e) {
+		u64 last = e->last_ns;
+		if (!(last & CT_LAST_DEAD) &&
+		    __sync_val_compare_and_swap(&e->last_ns, last, last | CT_LAST_DEAD) == last)
+			ct_destroy(fam, ekey, e, last, CT_END_IGNORED, cfg, now);
+	}
+	ct_stat_inc(CT_STAT_IGNORED_PACKETS);
+	ct_stat_add(CT_STAT_IGNORED_BYTES, p->l3_len);
+	return CT_VERDICT_PASS;
+}
+
+/* The datapath entry shared by XDP and tc; ifindex is the interface the
+ * packet is seen on (for per-interface selection sets). */
+static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, u32 ifindex)
 {
 	struct ct_pkt p = {};
 	ct_stat_inc(CT_STAT_PACKETS);
@@ -329,7 +403,8 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
 		ct_stat_inc(CT_STAT_INVALID);
 		return CT_VERDICT_PASS;
 	}
-	struct ct_config *cfg = ct_cfg();
+	u32 slot;
+	struct ct_config *cfg = ct_cfg_slot(&slot);
 	if (!cfg)
 		return CT_VERDICT_PASS;
 	if (rc == CT_PARSE_FRAGMENT) {
@@ -341,8 +416,14 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len)
 		return ct_untracked(&p, cfg, 0);
 	}
 	u64 now = bpf_ktime_get_ns();
-	if (p.family == 4)
+	u32 sel = cfg->flags & (CT_CFG_SELECT | CT_CFG_SELECT_IFACE);
+	if (p.family == 4) {
+		if (sel && ct_is_ignored(4, &p, slot, (sel & CT_CFG_SELECT_IFACE) ? ifindex : 0))
+			return ct_ignore(4, &p, cfg, now);
 		return ct_track(4, &p, cfg, now);
+	}
+	if (sel && ct_is_ignored(6, &p, slot, (sel & CT_CFG_SELECT_IFACE) ? ifindex : 0))
+		return ct_ignore(6, &p, cfg, now);
 	return ct_track(6, &p, cfg, now);
 }
 
@@ -358,7 +439,7 @@ static __always_inline int ct_handle_skb(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, skb->len < CT_TC_HDR_PULL ? skb->len : CT_TC_HDR_PULL);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	int v = ct_handle(data, data_end, skb->len);
+	int v = ct_handle(data, data_end, skb->len, skb->ifindex);
 	return v == CT_VERDICT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
 

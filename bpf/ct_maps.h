@@ -54,7 +54,16 @@ BPF_TABLE_PINNED("hash", struct ct_wheel_slot_key, struct ct_wheel_slot, ct_wslo
 BPF_TABLE_PINNED("hash", struct ct_wheel_key, struct ct_wheel_chunk4, ct_wheel4, CT_WHEEL4_MAX, CT_PIN("ct_wheel4"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct ct_wheel_key, struct ct_wheel_chunk6, ct_wheel6, CT_WHEEL6_MAX, CT_PIN("ct_wheel6"), BPF_F_NO_PREALLOC);
 
-BPF_TABLE_PINNED("array", u32, struct ct_config, ct_config, 1, CT_PIN("ct_config"));
+/* Configuration: two slots, the generation in force in ct_meta, and the
+ * selection sets of both slots (CT_CONFIG_SLOTS in ct_abi.h). LPM tries
+ * must be made without preallocation. */
+#ifndef CT_SEL_MAX
+#define CT_SEL_MAX 65536
+#endif
+BPF_TABLE_PINNED("array", u32, struct ct_config, ct_config, CT_CONFIG_SLOTS, CT_PIN("ct_config"));
+BPF_TABLE_PINNED("array", u32, struct ct_meta, ct_meta, 1, CT_PIN("ct_meta"));
+BPF_TABLE_PINNED("lpm_trie", struct ct_sel_key4, struct ct_sel, ct_sel4, CT_SEL_MAX, CT_PIN("ct_sel4"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct ct_sel_key6, struct ct_sel, ct_sel6, CT_SEL_MAX, CT_PIN("ct_sel6"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", u32, struct ct_global, ct_global, 1, CT_PIN("ct_global"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT__MAX, CT_PIN("ct_stats"));
 
@@ -102,10 +111,23 @@ static __always_inline void ct_stat_inc(u32 idx)
 	ct_stat_add(idx, 1);
 }
 
-static __always_inline struct ct_config *ct_cfg(void)
+/* The configuration in force, and its slot. Called once per program run:
+ * everything the run decides comes from the one generation it read. A
+ * single byte holds the slot bit, so even a torn read of the generation
+ * gives the old or the new slot. */
+static __always_inline struct ct_config *ct_cfg_slot(u32 *slot)
 {
 	u32 zero = 0;
-	return ct_config.lookup(&zero);
+	struct ct_meta *m = ct_meta.lookup(&zero);
+	u32 s = m ? (u32)(*(volatile u8 *)&m->generation & 1) : 0;
+	*slot = s;
+	return ct_config.lookup(&s);
+}
+
+static __always_inline struct ct_config *ct_cfg(void)
+{
+	u32 slot;
+	return ct_cfg_slot(&slot);
 }
 
 static __always_inline struct ct_global *ct_glob(void)

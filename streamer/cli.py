@@ -83,7 +83,7 @@ def add_settings(p: argparse.ArgumentParser, command: str) -> None:
         if s.kind == "bool":
             where.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
-        if s.kind in ("list", "ints"):
+        if s.kind in settings.LIST_KINDS:
             kw["action"] = "append"   # the first use starts a new list: it replaces the file's
         if s.choices:
             kw["choices"] = s.choices

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, RUN_EVENT_MASK, XDP_MODES,
                               DatapathConfig, Timeouts)
 from .datapath.conntrack_text import parse_output
+from .datapath.selection import PrefixSet, Selection, parse_prefix
 from .errors import ConfigError
 
 COMMANDS = ("run", "events", "account", "replay", "ipfix")
@@ -141,6 +142,11 @@ def string(text) -> str:
     return text
 
 
+def prefix(text) -> str:
+    """One CIDR of track-prefixes or ignore-prefixes, in its canonical form."""
+    return str(parse_prefix(text))
+
+
 # kind -> (what a command-line word becomes, what a TOML value becomes)
 KINDS = {
     "str": (str, string),
@@ -152,7 +158,11 @@ KINDS = {
     "ints": (connection_id, connection_id),
     "choice": (str, string),
     "fractions": (fractions, fractions),
+    "prefixes": (prefix, prefix),
 }
+
+
+LIST_KINDS = ("list", "ints", "prefixes")
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,7 @@ class Setting:
                 raise ValueError(f"expected true or false, got {value!r}")
             return value
         conv = KINDS[self.kind][1 if from_file else 0]
-        if self.kind in ("list", "ints"):
+        if self.kind in LIST_KINDS:
             items = value if isinstance(value, list) else [value]
             if from_file and any(isinstance(v, (dict, list)) for v in items):
                 raise ValueError("must be a string, number, boolean or a list of them")
@@ -246,6 +256,13 @@ SETTINGS: tuple[Setting, ...] = (
        "(an UPDATE on every other TCP state change) and destroy (always); periodic reports "
        "come with --report-interval", DAEMON_CMDS, metavar="EVENT[,EVENT]",
        group="datapath"),
+    _s("track-prefixes", "prefixes", [], "track only flows with an address in these CIDRs "
+       "(repeat; the longest matching prefix of either address wins, and ignore wins a tie; "
+       "per interface in the file's [interfaces.NAME] tables); live: `ctstream config apply`",
+       DAEMON_CMDS, metavar="CIDR", group="datapath"),
+    _s("ignore-prefixes", "prefixes", [], "pass flows with an address in these CIDRs "
+       "untouched, untracked and without events (counted as ignored_packets)", DAEMON_CMDS,
+       metavar="CIDR", group="datapath"),
     _s("xdp-mode", "choice", _D.xdp_mode, "auto tries native, then generic", DAEMON_CMDS,
        choices=XDP_MODES, group="datapath"),
     _s("drop-untracked", "bool", False, "drop new connections when the table is full",
@@ -384,8 +401,14 @@ def settings_of(command: str) -> list[Setting]:
 
 # ---------------------------------------------------------------- sources
 
+# A table header: [interfaces.NAME] (NAME bare or quoted).
+_TABLE = re.compile(r"""\s*\[\s*([A-Za-z0-9_-]+)\s*(?:\.\s*(?:([A-Za-z0-9_.@:-]+)|"([^"]*)"|'([^']*)')\s*)?\]""")
+
+
 def read_file(path: str) -> tuple[dict, dict[str, int]]:
-    """The top-level settings of a TOML file and the line of each."""
+    """The settings of a TOML file and the line of each: top-level keys by
+    name, keys of a [TABLE.NAME] table as "TABLE.NAME.key", and the table
+    header itself as "TABLE.NAME" (or "TABLE")."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -398,12 +421,17 @@ def read_file(path: str) -> tuple[dict, dict[str, int]]:
         at = f"{path}:{line.group(1)}" if line else path
         raise ConfigError(f"{at}: config file {path} is not valid TOML: {exc}") from exc
     lines: dict[str, int] = {}
+    table = ""
     for n, text in enumerate(raw.decode("utf-8").splitlines(), 1):
+        t = _TABLE.match(text)
+        if t and not text.lstrip().startswith("[["):
+            name = t.group(2) or t.group(3) or t.group(4)
+            table = t.group(1) + ("." + name if name is not None else "")
+            lines.setdefault(table, n)
+            continue
         m = re.match(r"\s*([\"']?)([A-Za-z0-9_-]+)\1\s*=", text)
-        if m and m.group(2) not in lines:
-            lines[m.group(2)] = n
-        if re.match(r"\s*\[", text):
-            break           # tables come after the top-level keys: not settings
+        if m:
+            lines.setdefault(f"{table}.{m.group(2)}" if table else m.group(2), n)
     return data, lines
 
 
@@ -465,6 +493,12 @@ def build(command: str, options: dict, config_file: str | None = None,
         for name, value in data.items():
             canon = name.replace("_", "-")
             at = f"{config_file}:{lines.get(name, '?')}"
+            if canon == INTERFACES_TABLE:
+                at = f"{config_file}:{_table_line(lines, name)}"
+                if command in DAEMON_CMDS:
+                    values["interfaces"] = interface_sets(value, config_file, lines)
+                    origins[INTERFACES_TABLE] = at
+                continue
             s = BY_NAME.get(canon)
             if s is None:
                 raise ConfigError(f"{at}: config file {config_file}: unknown setting {name!r}")
@@ -483,6 +517,45 @@ def build(command: str, options: dict, config_file: str | None = None,
     if typed:
         _make_parts(cfg)
     return cfg
+
+
+INTERFACES_TABLE = "interfaces"
+INTERFACE_KEYS = ("track-prefixes", "ignore-prefixes")
+
+
+def _table_line(lines: dict, name: str) -> int | str:
+    return lines.get(name) or min((n for k, n in lines.items() if k.startswith(name + ".")),
+                                  default="?")
+
+
+def interface_sets(value, path: str, lines: dict) -> tuple[tuple[str, PrefixSet], ...]:
+    """The [interfaces.NAME] tables: each interface's own track-prefixes and
+    ignore-prefixes (added to the top-level lists for that interface)."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{path}:{_table_line(lines, INTERFACES_TABLE)}: interfaces: must be "
+                          "tables, one per interface: [interfaces.eth0] with track-prefixes "
+                          "and ignore-prefixes")
+    out = []
+    for ifname, table in value.items():
+        where = f"{INTERFACES_TABLE}.{ifname}"
+        lists = {}
+        for key, items in table.items():
+            canon = key.replace("_", "-")
+            at = f"{path}:{lines.get(f'{where}.{key}', _table_line(lines, where))}"
+            if canon not in INTERFACE_KEYS:
+                raise ConfigError(f"{at}: {where}: unknown key {key!r} (an interface's table "
+                                  f"takes {' and '.join(INTERFACE_KEYS)})")
+            try:
+                lists[canon] = BY_NAME[canon].parse(items, from_file=True)
+            except ValueError as exc:
+                raise ConfigError(f"{at}: {where}.{canon}: {exc}") from exc
+        try:
+            sel = PrefixSet.parse(lists.get("track-prefixes", ()), lists.get("ignore-prefixes", ()))
+        except ValueError as exc:
+            at = lines.get(f"{where}.ignore-prefixes") or _table_line(lines, where)
+            raise ConfigError(f"{path}:{at}: {where}: {exc}") from exc
+        out.append((ifname, sel))
+    return tuple(out)
 
 
 def _make_parts(cfg: Config) -> None:
@@ -539,6 +612,14 @@ def _located(cfg: Config, exc: ConfigError) -> ConfigError:
 
 # ---------------------------------------------------------------- the typed parts
 
+def selection(v: dict) -> Selection:
+    try:
+        top = PrefixSet.parse(v["track_prefixes"] or (), v["ignore_prefixes"] or ())
+    except ValueError as exc:
+        raise ConfigError(str(exc), setting="ignore-prefixes") from exc
+    return Selection(top, tuple(v.get("interfaces") or ()))
+
+
 def datapath_config(v: dict) -> DatapathConfig:
     hi, lo = v["early_drop"]
     return DatapathConfig(
@@ -550,6 +631,7 @@ def datapath_config(v: dict) -> DatapathConfig:
         timeouts=Timeouts(syn=v["timeout_syn"], established=v["timeout_established"],
                           fin=v["timeout_fin"], udp=v["timeout_udp"], icmp=v["timeout_icmp"],
                           other=v["timeout_other"]),
+        selection=selection(v),
     ).validate()
 
 

@@ -37,8 +37,8 @@ S_CLOSE_WAIT, S_LAST_ACK, S_TIME_WAIT, S_CLOSE = 5, 6, 7, 8
 
 F_ASSURED, F_SEEN_REPLY, F_FIN_REPLY, F_PICKUP = 0x01, 0x02, 0x04, 0x08
 
-END_NONE, END_IDLE, END_FIN, END_RST, END_REUSE, END_EARLY = 0, 1, 2, 3, 4, 5
-END_NAMES = {0: "none", 1: "idle", 2: "fin", 3: "rst", 4: "reuse", 5: "early"}
+END_NONE, END_IDLE, END_FIN, END_RST, END_REUSE, END_EARLY, END_IGNORED = 0, 1, 2, 3, 4, 5, 6
+END_NAMES = {0: "none", 1: "idle", 2: "fin", 3: "rst", 4: "reuse", 5: "early", 6: "ignored"}
 
 MISSED_CREATE, MISSED_UPDATE, MISSED_DESTROY = 0x01, 0x02, 0x04
 KEY_DYING = 0x80
@@ -49,6 +49,10 @@ TO_MAX = 8
 
 CFG_DROP_UNTRACKED = 0x1
 CFG_QUIET_CREATE, CFG_QUIET_ASSURED, CFG_QUIET_STATE = 0x2, 0x4, 0x8
+CFG_SELECT, CFG_SELECT_IFACE = 0x10, 0x20
+CONFIG_SLOTS = 2          # ct_config slots; the one in force: ct_meta.generation & 1
+LAYOUT_VERSION = 2        # of the pinned maps (layout 1: no ct_meta, one ct_config slot)
+SEL_TRACK, SEL_IGNORE = 1, 2
 
 # Flags in the top bits of an entry's last_ns (bpf/ct_abi.h, CT_LAST_*).
 LAST_DEAD, LAST_OUTBOX, LAST_BUSY = 1 << 63, 1 << 62, 1 << 61
@@ -64,6 +68,7 @@ STAT_NAMES = (
     "fragments", "untracked_packets", "untracked_bytes", "not_ip", "events",
     "wheel_full", "rescheduled", "swept", "other_l4", "missed_redelivered",
     "destroy_retries", "early_drops", "acked", "ack_stale", "outbox_full",
+    "ignored_packets", "ignored_bytes",
 )
 STAT_MAX = 24
 
@@ -197,6 +202,12 @@ GLOBAL = Layout("ct_global", (
     ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
     ("entries6", "Q"),
 ))
+META = Layout("ct_meta", (("generation", "Q"), ("layout", "I"), ("_pad", "I")))
+SEL_KEY4 = Layout("ct_sel_key4", (("prefixlen", "I"), ("slot", "I"), ("ifindex", "I"),
+                                  ("addr", "4s")))
+SEL_KEY6 = Layout("ct_sel_key6", (("prefixlen", "I"), ("slot", "I"), ("ifindex", "I"),
+                                  ("addr", "16s")))
+SEL = Layout("ct_sel", (("verdict", "B"), ("plen", "B"), ("_pad", "H")))
 SWEEP_REQ = Layout("ct_sweep_req", (
     ("family", "B"), ("stalled", "B"), ("_pad0", "2s"), ("budget", "I"), ("pending", "I"),
     ("horizon", "I"), ("room", "I"), ("_pad1", "I"),
@@ -204,7 +215,8 @@ SWEEP_REQ = Layout("ct_sweep_req", (
 ACK_HDR = Layout("ct_ack_hdr", (("count", "I"), ("acked", "I")))
 ACK4 = Layout("ct_ack4", (("key", f"{KEY4.size}s"), ("ct_id", "Q")))
 ACK6 = Layout("ct_ack6", (("key", f"{KEY6.size}s"), ("ct_id", "Q")))
-LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ, ACK_HDR, ACK4, ACK6)
+LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ, ACK_HDR, ACK4, ACK6, META,
+           SEL_KEY4, SEL_KEY6, SEL)
 
 _EVENT = struct.Struct(EVENT.fmt)
 _KEY4 = struct.Struct(KEY4.fmt)
@@ -350,6 +362,22 @@ def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: in
     v6 = table_limit if ipv6_limit is None else ipv6_limit
     return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, grace_ns,
                        early_low, v6, 0)
+
+
+def unpack_config(buf: bytes) -> dict:
+    v = struct.unpack(CONFIG.fmt, buf[:CONFIG.size])
+    return {"timeout_ns": list(v[:TO_MAX]), "report_interval_ns": v[TO_MAX],
+            "table_limit": v[TO_MAX + 1], "flags": v[TO_MAX + 2], "grace_ns": v[TO_MAX + 3],
+            "early_low": v[TO_MAX + 4], "ipv6_limit": v[TO_MAX + 5]}
+
+
+def pack_meta(generation: int, layout: int = LAYOUT_VERSION) -> bytes:
+    return struct.pack(META.fmt, generation, layout, 0)
+
+
+def unpack_meta(buf: bytes) -> dict:
+    gen, layout, _ = struct.unpack(META.fmt, buf[:META.size])
+    return {"generation": gen, "layout": layout}
 
 
 def unpack_global(buf: bytes) -> dict:

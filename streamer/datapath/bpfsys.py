@@ -7,6 +7,7 @@ compiling anything), plain map access by fd, and libbpf's ring buffer reader.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -54,6 +55,24 @@ class TestRunOpts(ctypes.Structure):
     ]
 
 
+class MapCreateOpts(ctypes.Structure):
+    """The leading fields of struct bpf_map_create_opts (libbpf 1.x); sz
+    says how many we pass, and libbpf takes the rest as zero."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
 RING_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
@@ -67,12 +86,13 @@ def _declare(L: ctypes.CDLL) -> None:
     L.bpf_map_delete_elem.argtypes = [i32, vp]
     L.bpf_map_get_next_key.argtypes = [i32, vp, vp]
     L.libbpf_num_possible_cpus.argtypes = []
+    L.bpf_map_create.argtypes = [i32, ctypes.c_char_p, u32, u32, u32, ctypes.POINTER(MapCreateOpts)]
     L.ring_buffer__new.restype = vp
     L.ring_buffer__new.argtypes = [i32, RING_CB, vp, vp]
     L.ring_buffer__consume.argtypes = [vp]
     L.ring_buffer__epoll_fd.argtypes = [vp]
     L.ring_buffer__free.argtypes = [vp]
-    for f in ("bpf_prog_test_run_opts", "bpf_obj_get", "bpf_obj_pin", "bpf_map_lookup_elem",
+    for f in ("bpf_map_create", "bpf_prog_test_run_opts", "bpf_obj_get", "bpf_obj_pin", "bpf_map_lookup_elem",
               "bpf_map_update_elem", "bpf_map_delete_elem", "bpf_map_get_next_key",
               "ring_buffer__consume", "ring_buffer__epoll_fd"):
         getattr(L, f).restype = i32
@@ -155,6 +175,51 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
         k = nxt.raw
         yield k
         cur = ctypes.create_string_buffer(k, key_size)
+
+
+MAP_TYPE_ARRAY, MAP_TYPE_ARRAY_OF_MAPS = 2, 12
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               inner_map_fd: int = 0) -> int:
+    o = MapCreateOpts()
+    o.sz = ctypes.sizeof(o)
+    o.inner_map_fd = inner_map_fd
+    fd = lib().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries,
+                              ctypes.byref(o))
+    if fd < 0:
+        raise StreamerError(f"cannot make the BPF map {name}: {os.strerror(_errno(fd))}")
+    return fd
+
+
+class ProgramsBarrier:
+    """Waits until every BPF program running at the call has finished.
+
+    An update of a map-in-map element makes the kernel wait for an RCU
+    grace period before the syscall returns (kernel/bpf/syscall.c,
+    maybe_wait_bpf_programs), and XDP and tc programs run inside RCU read
+    sections: once wait() returns, no program still works with a value it
+    read before the call. The maps are this process's own, never pinned."""
+
+    def __init__(self):
+        self._inner = map_create(MAP_TYPE_ARRAY, "ct_rcu_inner", 4, 4, 1)
+        try:
+            self._outer = map_create(MAP_TYPE_ARRAY_OF_MAPS, "ct_rcu_outer", 4, 4, 1,
+                                     inner_map_fd=self._inner)
+        except BaseException:
+            os.close(self._inner)
+            raise
+        self._key = (0).to_bytes(4, "little")
+        self._value = self._inner.to_bytes(4, "little")
+
+    def wait(self) -> None:
+        map_update(self._outer, self._key, self._value)
+
+    def close(self) -> None:
+        for fd in (self._outer, self._inner):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._outer = self._inner = -1
 
 
 def possible_cpus() -> int:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import abi
+from .selection import EMPTY as NO_SELECTION, Selection
 from ..errors import ConfigError
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/ctstream"
@@ -86,6 +87,8 @@ class DatapathConfig:
     ipv6_limit: int | None = None        # IPv6 entries at most; None: see ipv6_capacity()
     # The events emitted (EVENT_MASK_NAMES); a DESTROY always is.
     event_mask: tuple[str, ...] = EVENT_MASK_NAMES
+    # Which flows are tracked (track-prefixes, ignore-prefixes); empty: all.
+    selection: Selection = NO_SELECTION
 
     def ipv6_capacity(self) -> int:
         """The IPv6 map's capacity. Each place costs a 16-byte hash bucket
@@ -150,6 +153,10 @@ class DatapathConfig:
         for name, quiet in _QUIET_FLAGS.items():
             if name not in self.event_mask:
                 flags |= quiet
+        if self.selection.active():
+            flags |= abi.CFG_SELECT
+            if self.selection.per_interface():
+                flags |= abi.CFG_SELECT_IFACE
         return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
                                self.table_limit, flags, grace_ns=_ns(self.grace),
                                early_low=self.early_low_entries(),

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from . import abi, bpfsys
 from .config import Timeouts
+from .generation import config_in_force
 from ..errors import ConfigError
 
 FORMATS = ("conntrack", "text", "json")
@@ -97,7 +98,7 @@ def state_timeout(flow, timeouts: Timeouts) -> float:
 def pinned_timeouts(table) -> Timeouts:
     """The per-state timeouts in the pinned ct_config map of a PinnedTable
     (what the datapath expires by, whoever wrote them)."""
-    raw = bpfsys.map_lookup(table.fd("ct_config"), b"\0" * 4, abi.CONFIG.size)
+    raw = config_in_force(table.fd("ct_config"), table.fd("ct_meta"))
     ns = struct.unpack(abi.CONFIG.fmt, raw)[:abi.TO_MAX]
     return Timeouts(syn=ns[abi.TO_SYN] / 1e9, established=ns[abi.TO_EST] / 1e9,
                     fin=ns[abi.TO_FIN] / 1e9, udp=ns[abi.TO_UDP] / 1e9,

@@ -22,6 +22,7 @@ from . import abi
 from . import bpfsys
 from . import netns
 from .config import DatapathConfig
+from .generation import Generations
 from ..errors import EnvironmentProblem, InterfaceError, LoadError
 
 MAIN_SOURCE = "ctstream.bpf.c"
@@ -51,6 +52,7 @@ TC_HOOKS = {"tc-ingress": ("ct_tc_ingress", TC_INGRESS_PARENT),
             "tc-egress": ("ct_tc_egress", TC_EGRESS_PARENT)}
 TC_PRIO = 49152  # tc's default first priority; our filter is found by name
 
+GENERATION_MAPS = ("ct_meta", "ct_config", "ct_sel4", "ct_sel6")
 PROGRAMS = ("ct_xdp_ingress", "ct_tc_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6",
             "ct_early4", "ct_early6", "ct_ack4", "ct_ack6")
 
@@ -147,6 +149,10 @@ class Datapath:
         self.bpf = None
         self.attachments: list[Attachment] = []
         self.adopted = False
+        self.generations: Generations | None = None
+        self.generation = 0              # the configuration generation in force
+        # Interfaces that per-interface selection sets may name: name -> ifindex.
+        self.ifindexes: dict[str, int] = {}
 
     # ---- load -------------------------------------------------------------
     def load(self) -> "Datapath":
@@ -154,6 +160,8 @@ class Datapath:
         from bcc import BPF  # Debian's python3-bpfcc
 
         self.adopted = os.path.exists(os.path.join(self.cfg.pin_dir, "ct4"))
+        if self.adopted:
+            check_layout(self.cfg.pin_dir)
         # Root only, also when it was made before by other means (the one
         # place that sets it: systemd/ctstream.service has no ExecStartPre).
         os.makedirs(self.cfg.pin_dir, mode=0o700, exist_ok=True)
@@ -187,9 +195,14 @@ class Datapath:
         died, or one stopped with --keep)."""
         return load_attachments(self.cfg.pin_dir)
 
-    def configure(self) -> None:
-        """(Re)write the run-time configuration map; safe while attached."""
-        bpfsys.map_update(self.fd("ct_config"), b"\0" * 4, self.cfg.map_config_bytes())
+    def configure(self) -> int:
+        """Make self.cfg's run-time part (ct_config and the selection) the
+        configuration in force, as a new generation; safe while attached.
+        Returns the generation."""
+        if self.generations is None:
+            self.generations = Generations({n: self.fd(n) for n in GENERATION_MAPS})
+        self.generation = self.generations.apply(self.cfg, self.ifindexes)
+        return self.generation
 
     def global_state(self) -> dict:
         raw = bpfsys.map_lookup(self.fd("ct_global"), b"\0" * 4, abi.GLOBAL.size)
@@ -317,12 +330,44 @@ class Datapath:
         return problems
 
     def close(self) -> None:
+        if self.generations is not None:
+            self.generations.close()
+            self.generations = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
 
 
 # ---- attachment records and teardown (also for a process that died) -------
+
+def pinned_layout(pin_dir: str) -> int | None:
+    """The layout of the maps pinned at pin_dir: None if there are none, 1
+    for maps made before layouts were recorded (no ct_meta), else the
+    layout ct_meta records (0: made, not yet configured: this build's)."""
+    if not os.path.exists(os.path.join(pin_dir, "ct4")):
+        return None
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ct_meta"))
+    except FileNotFoundError:
+        return 1
+    try:
+        raw = bpfsys.map_lookup(fd, b"\0" * 4, abi.META.size)
+    finally:
+        os.close(fd)
+    layout = abi.unpack_meta(raw)["layout"] if raw else 0
+    return layout or abi.LAYOUT_VERSION
+
+
+def check_layout(pin_dir: str) -> None:
+    """Refuse maps this build would misread."""
+    layout = pinned_layout(pin_dir)
+    if layout is not None and layout != abi.LAYOUT_VERSION:
+        raise LoadError(
+            f"the maps pinned at {pin_dir} have layout {layout}, and this build of ctstream "
+            f"reads layout {abi.LAYOUT_VERSION} only: `ctstream migrate --pin-dir {pin_dir}` "
+            "moves their entries and outbox into this build's layout (or `ctstream detach "
+            f"--pin-dir {pin_dir}` removes them, giving both up)")
+
 
 def _state_file(pin_dir: str) -> Path:
     return STATE_DIR / (pin_dir.strip("/").replace("/", "_") + ".json")

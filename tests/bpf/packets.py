@@ -367,6 +367,9 @@ class Bench:
         table_limit=... within the maps' size); reset() restores the original."""
         for k, v in changes.items():
             setattr(self.dp.cfg, k, v)
+        # Frames under BPF_PROG_TEST_RUN arrive on the loopback device;
+        # "other0" names an interface no frame comes from.
+        self.dp.ifindexes = {"lo": 1, "other0": 999_999}
         self.dp.configure()
 
     def reset(self) -> None:

@@ -31,7 +31,8 @@ _STAT_RENAMED = {"untracked_packets": "UNTRACKED_PKTS", "missed_redelivered": "M
                  "destroy_retries": "RETRIES"}
 _CONST_PREFIXES = ("EV_", "DIR_", "S_", "F_", "END_", "TO_", "CFG_", "STAT_MAX",
                    "ABI_VERSION", "LAST_", "SLOT_SHIFT", "WHEEL", "MISSED_", "KEY_DYING",
-                   "OUTBOX_TRIES", "ACK_BATCH", "SCHED_MISSED_SHIFT", "SCHED_REASON_SHIFT")
+                   "OUTBOX_TRIES", "ACK_BATCH", "SCHED_MISSED_SHIFT", "SCHED_REASON_SHIFT",
+                   "CONFIG_SLOTS", "LAYOUT_VERSION", "SEL_")
 
 
 def _c_constants() -> dict[str, int]:
@@ -91,7 +92,7 @@ def test_layouts_and_constants_match_the_header():
     text = static_asserts()
     n_fields = sum(len(lay.fields) for lay in abi.LAYOUTS + INDEX_LAYOUTS)
     assert text.count("__builtin_offsetof") == n_fields
-    assert len(abi.LAYOUTS) == 10  # a layout added to abi.py is checked too
+    assert len(abi.LAYOUTS) == 14  # a layout added to abi.py is checked too
     compile_with_header(text)
 
 
@@ -101,7 +102,8 @@ def test_every_c_constant_has_a_python_mirror():
     header = ABI_HEADER.read_text()
     mirrored = set(_c_constants())
     groups = ("CT_EV_", "CT_S_", "CT_F_", "CT_END_", "CT_TO_", "CT_STAT_", "CT_DIR_",
-              "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_", "CT_CFG_")
+              "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_", "CT_CFG_", "CT_SEL_",
+              "CT_LAYOUT_", "CT_CONFIG_")
     defined = {m for m in re.findall(r"^#define\s+(CT_[A-Z0-9_]+)\s", header, re.M)
                if m.startswith(groups)}
     assert defined, "no constants found in ct_abi.h"

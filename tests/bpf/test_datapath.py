@@ -27,6 +27,7 @@ from scapy.layers.l2 import ARP
 from scapy.packet import Raw
 
 from streamer.datapath import abi
+from streamer.datapath.selection import PrefixSet, Selection
 from tests.bpf.packets import VERDICTS, Flow, Pkt, frame, l2, loaded_bench, swap16
 
 pytestmark = pytest.mark.root
@@ -92,6 +93,9 @@ class Case:
     config: dict = field(default_factory=dict)
     xfail: str | None = None              # a known bug, reported with a reproducer
     ack_before: int | None = None         # ack the DESTROYs so far before this frame
+    # A live apply before frame i: configure(**reconfigure) on top of config.
+    reconfigure_before: int | None = None
+    reconfigure: dict = field(default_factory=dict)
 
 
 def untracked(*pkts: Pkt, **extra) -> dict:
@@ -576,8 +580,60 @@ MASK_CASES = [
          [NEW(U4), UPD(U4, "NONE", A | R)], config=RUN_MASK),
 ]
 
+
+
+def sel(track=(), ignore=(), **interfaces) -> dict:
+    """config= of a selection: top-level lists, and per interface
+    name=(track, ignore). The bench's frames arrive on lo (ifindex 1)."""
+    return dict(selection=Selection(PrefixSet.parse(track, ignore), tuple(
+        (name, PrefixSet.parse(*lists)) for name, lists in interfaces.items())))
+
+
+def ignored(*pkts: Pkt) -> dict:
+    return {"ignored_packets": len(pkts), "ignored_bytes": sum(p.l3_len for p in pkts)}
+
+
+HS4, HS6 = handshake(T4), handshake(T6)
+TRACKED4 = [Want(T4, "ESTABLISHED", A | R, (2, 1), (80, 40))]
+SELECT_CASES = [
+    Case("selection: track-prefixes naming the flow tracks it", HS4, TRACKED4, HS_EVENTS,
+         config=sel(track=["10.1.0.0/16"])),
+    Case("selection: ignore-prefixes: no entry, no event, counted as ignored", HS4,
+         stats=ignored(*HS4), config=sel(ignore=["10.1.0.2/32"])),
+    Case("selection: either address decides (the reply's source is ignored too)",
+         HS4, stats=ignored(*HS4), config=sel(ignore=["10.1.0.1/32"])),
+    Case("selection: with track-prefixes set, an address in none of them is ignored",
+         HS4, stats=ignored(*HS4), config=sel(track=["10.9.0.0/16"])),
+    Case("selection: the longest prefix wins (track /16 inside ignore /8)", HS4, TRACKED4,
+         HS_EVENTS, config=sel(track=["10.1.0.0/16"], ignore=["10.0.0.0/8"])),
+    Case("selection: the longest prefix wins (ignore /16 inside track /8)", HS4,
+         stats=ignored(*HS4), config=sel(track=["10.0.0.0/8"], ignore=["10.1.0.0/16"])),
+    Case("selection: a tie between the two addresses goes to ignore", HS4,
+         stats=ignored(*HS4), config=sel(track=["10.1.0.1/32"], ignore=["10.1.0.2/32"])),
+    Case("selection: ipv6 prefixes select ipv6 flows, ipv4 ones keep their default",
+         HS6 + HS4, TRACKED4, HS_EVENTS, stats=ignored(*HS6),
+         config=sel(ignore=["2001:db8::/32"])),
+    Case("selection: an interface's own set applies on it (lo)", HS4, stats=ignored(*HS4),
+         config=sel(lo=((), ["10.1.0.0/24"]))),
+    Case("selection: the interface's statement wins over the top level's", HS4, TRACKED4,
+         HS_EVENTS, config=sel(ignore=["10.1.0.0/24"], lo=(["10.1.0.0/24"], ()))),
+    Case("selection: another interface's set does not apply here", HS4, TRACKED4, HS_EVENTS,
+         config=sel(other0=((), ["10.1.0.0/24"]))),
+    Case("selection: via tc egress the same", [p.via_tc() for p in HS4],
+         stats=ignored(*HS4), config=sel(ignore=["10.1.0.2/32"])),
+    Case("selection: a flow an apply makes ignored ends at its next packet, with its DESTROY",
+         HS4 + [T4.orig(payload=bytes(10)), T4.reply(payload=bytes(5))], [],
+         HS_EVENTS + [DESTROY(T4, "ESTABLISHED", A | R, "ignored", pkts=(2, 1))],
+         stats=ignored(T4.orig(payload=bytes(10)), T4.reply(payload=bytes(5))),
+         reconfigure_before=3, reconfigure=sel(ignore=["10.1.0.0/16"])),
+    Case("selection: a flow an apply selects again starts anew (picked up mid-stream)",
+         HS4 + [T4.orig("A", payload=bytes(10))], [Want(T4, "ESTABLISHED", P, (1, 0), (50, 0))],
+         [NEW(T4, "ESTABLISHED", P)], stats=ignored(*HS4),
+         config=sel(ignore=["10.1.0.0/16"]), reconfigure_before=3, reconfigure=sel()),
+]
+
 CASES = (TCP_CASES + L4_CASES + FRAGMENT_CASES + VLAN_CASES + MALFORMED_CASES + BYTES_CASES +
-         LIMIT_CASES + DROP_CASES + MASK_CASES)
+         LIMIT_CASES + DROP_CASES + MASK_CASES + SELECT_CASES)
 
 
 # ---- running a case ------------------------------------------------------------------------
@@ -625,6 +681,8 @@ def test_case(bench, case: Case):
 
     verdicts, events, acked = [], [], []
     for i, p in enumerate(case.packets):
+        if i == case.reconfigure_before:
+            bench.configure(**case.reconfigure)
         if i == case.ack_before:
             events += bench.events()
             acked = [e for e in events if e.type == abi.EV_DESTROY]

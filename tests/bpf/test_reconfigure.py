@@ -12,6 +12,7 @@ import pytest
 from streamer.daemon import Session
 from streamer.datapath import abi, bpfsys
 from streamer.datapath.config import DatapathConfig, Timeouts
+from streamer.datapath.generation import config_in_force
 from streamer.datapath.sweeper import Sweeper
 from streamer.errors import ConfigError
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.root
 
 
 def config_map(dp) -> bytes:
-    return bpfsys.map_lookup(dp.fd("ct_config"), b"\0" * 4, abi.CONFIG.size)
+    """The ct_config slot in force."""
+    return config_in_force(dp.fd("ct_config"), dp.fd("ct_meta"))
 
 
 def session_on(dp) -> Session:

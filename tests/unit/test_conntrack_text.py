@@ -223,10 +223,15 @@ def test_pinned_timeouts_decode_the_config_map(monkeypatch):
     class Table:
         def fd(self, name):
             asked.append(name)
-            return 99
-    monkeypatch.setattr(bpfsys, "map_lookup", lambda fd, key, size: raw if fd == 99 else None)
+            return {"ct_config": 99, "ct_meta": 98}[name]
+
+    def lookup(fd, key, size):
+        if fd == 98:
+            return abi.pack_meta(7)           # generation 7: slot 1 is in force
+        return raw if (fd, key) == (99, (1).to_bytes(4, "little")) else b"\0" * size
+    monkeypatch.setattr(bpfsys, "map_lookup", lookup)
     assert ct.pinned_timeouts(Table()) == t
-    assert asked == ["ct_config"]
+    assert sorted(asked) == ["ct_config", "ct_meta"]
 
 
 OUTPUTS = [
