@@ -1,5 +1,5 @@
-"""ctstream command line: run, events, status, list, stats, detach, demo,
-account, top, replay.
+"""ctstream command line: run, events, status, list, stats, detach, config,
+demo, account, top, replay, ipfix.
 
 The options of run, events, account and replay come from one table,
 streamer/settings.py's SETTINGS; what a command gets is a settings.Config
@@ -148,6 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
                                     "live connections and unacked DESTROYs are given up.")
     dt.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
 
+    cf = sub.add_parser("config", help="check a settings file, apply it live, show what is in force",
+                        description="The TOML settings file is the source of truth: check says "
+                                    "every problem as FILE:LINE: reason (exit 2); apply hands it "
+                                    "to the running daemon, which switches to it as one new "
+                                    "generation (SIGHUP to the daemon re-reads its own --config); "
+                                    "show reads back from the maps what the kernel uses now.")
+    cfs = cf.add_subparsers(dest="config_cmd", required=True)
+    c1 = cfs.add_parser("check", help="validate a settings file (exit 0, or 2 with each problem)",
+                        description="Validate FILE as `run` reads it: TOML syntax, unknown keys, "
+                                    "values, prefixes, per-interface tables and settings that "
+                                    "contradict each other; every problem is said as "
+                                    "FILE:LINE: reason, and the exit code is 2 if there is any.")
+    c1.add_argument("file", metavar="FILE.toml", help="the settings file")
+    c2 = cfs.add_parser("apply", help="apply a settings file to the running daemon, atomically",
+                        description="Check FILE, then have the daemon of --pin-dir switch to it "
+                                    "as one new generation: a packet sees the whole old or the "
+                                    "whole new configuration. The daemon's command line still "
+                                    "wins over the file, as at its start; a setting that needs a "
+                                    "restart, a bad file or no daemon changes nothing. Prints "
+                                    "what changed and the generation now in force.")
+    c2.add_argument("file", metavar="FILE.toml", help="the settings file")
+    c2.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
+    c3 = cfs.add_parser("show", help="the configuration in force, read back from the kernel",
+                        description="What the datapath uses now, read back from the pinned maps "
+                                    "(not from a file): its generation, timeouts, report "
+                                    "interval, event mask, grace, limits and the traffic "
+                                    "selection per interface.")
+    c3.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
+    c3.add_argument("-o", "--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
+
     dm = sub.add_parser("demo", help="the whole pipeline: namespaces and traffic, a local Kafka, "
                                      "the daemon, the accounting consumer, a delivery report",
                         description="Run the whole pipeline on this machine and remove what it "
@@ -262,6 +292,9 @@ def _dispatch(a: argparse.Namespace) -> int:
         return _stats(a)
     if a.cmd == "detach":
         return _detach(a)
+    if a.cmd == "config":
+        from .control.command import config_main
+        return config_main(a)
     if a.cmd == "demo":
         if a.datapath_only:
             from .demo.datapath_demo import run_demo

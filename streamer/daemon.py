@@ -51,6 +51,7 @@ from .datapath.ringbuf import RingReader, RingSpace
 from .delivery.sink import CallbackSink, Sink
 from .datapath.sweeper import Sweeper
 from .datapath.table import read_counters
+from .control.server import ControlServer
 from .observe import sd_notify
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,11 @@ class Session:
         check_environment()  # before the lock, which needs root to make /run/ctstream
         # A misspelt interface fails here, before anything is loaded, pinned,
         # connected or created on disk.
-        await asyncio.to_thread(self._check_target)
+        ifindexes = await asyncio.to_thread(self._check_target)
+        check_selection_interfaces(self.cfg, self.target)
         self._stack.enter_context(acquire_lock(self.cfg.pin_dir))
         self.dp = Datapath(self.cfg)
+        self.dp.ifindexes = ifindexes
         self._stack.callback(self._unpin)
         self.dp.load()
         self._stack.callback(self.dp.close)
@@ -218,6 +221,15 @@ class Session:
         for part in self.parts:
             await part.start(self)
             self._stack.push_async_callback(part.aclose)
+        # Live applies: `ctstream config apply` and SIGHUP. Without the
+        # socket the daemon still tracks; only applies are refused.
+        self.control = ControlServer(self)
+        try:
+            await self.control.start()
+        except OSError as exc:
+            log.error("control socket %s: %s; `ctstream config apply` cannot reach this daemon",
+                      self.control.path, exc)
+        self._stack.push_async_callback(self.control.aclose)
         # Type=notify: systemd counts the service as started only now, with
         # every program attached (a failed start never says READY).
         sd_notify.ready(f"tracking on {', '.join(self.target.ifaces)}"
@@ -226,9 +238,8 @@ class Session:
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
-    def _check_target(self) -> None:
-        for ifname in self.target.ifaces:
-            ifindex(ifname, self.target.netns)
+    def _check_target(self) -> dict[str, int]:
+        return {ifname: ifindex(ifname, self.target.netns) for ifname in self.target.ifaces}
 
     def _attach(self) -> None:
         if self.dp.adopted:
@@ -241,6 +252,9 @@ class Session:
                 self.dp.attach_xdp(ifname, self.target.netns)
             if self.target.egress:
                 self.dp.attach_tc_egress(ifname, self.target.netns)
+        if self.dp.replaced:
+            log.warning("replaced %d XDP program(s) of the previous owner in one step: the "
+                        "table, the outbox and the counters carry on", self.dp.replaced)
         # What the previous owner attached and this one does not want goes.
         wanted = {(a.ifname, a.kind, a.netns) for a in self.dp.attachments}
         stale = [a for a in previous if (a.ifname, a.kind, a.netns) not in wanted]
@@ -347,6 +361,7 @@ class Session:
     def status(self) -> dict:
         g = self.dp.global_state()
         return {"pid": os.getpid(), "pin_dir": self.cfg.pin_dir, "time": time.time(),
+                "generation": self.dp.generation,
                 "events_delivered": self.delivered, "reader_paused": self.reader_paused,
                 "sink": self.sink.name, "entries": g["entries"], "outbox": g["dying"],
                 "last_commit_age_s": (time.monotonic() - self._last_commit
@@ -429,13 +444,15 @@ class Session:
     # ---- live configuration ------------------------------------------------------
     def reconfigure(self, new: DatapathConfig, lost_interval: float | None = None) -> list[str]:
         """Apply what can change while the datapath runs: the timeouts, the
-        report interval, the grace, the early-drop watermarks and the
-        full-table policy go into the ct_config map (one map update: the
-        programs see the old or the new values, never a mix) and into the
-        sweeper; the LOST interval takes effect at its next report. The
-        sizes of the maps, the pin dir and the XDP mode need a new load:
-        ConfigError names them and nothing changes. Returns what changed,
-        as 'setting: old -> new'."""
+        report interval, the event mask, the grace, the early-drop
+        watermarks, the full-table policy and the traffic selection become
+        the next configuration generation (the programs see the whole old
+        or the whole new one, never a mix: streamer/datapath/generation.py)
+        and reach the sweeper; the LOST interval takes effect at its next
+        report. The sizes of the maps, the pin dir and the XDP mode need a
+        new load: ConfigError names them and nothing changes. Returns what
+        changed, as 'setting: old -> new'; dp.generation is the one now in
+        force."""
         from .settings import reload_needed
 
         new = replace(new).validate()
@@ -443,11 +460,19 @@ class Session:
         if blocked:
             raise ConfigError("cannot change while the datapath runs (restart the daemon): "
                               + ", ".join(blocked))
-        changed = [f"{f.name}: {getattr(self.cfg, f.name)} -> {getattr(new, f.name)}"
+        if getattr(self, "target", None) is not None:
+            check_selection_interfaces(new, self.target)
+        changed = [_change(f.name, getattr(self.cfg, f.name), getattr(new, f.name))
                    for f in fields(DatapathConfig) if getattr(self.cfg, f.name) != getattr(new, f.name)]
-        self.dp.cfg = self.cfg = new
+        old = self.cfg
         with self.sweeper.lock:
-            self.dp.configure()
+            self.dp.cfg = new
+            try:
+                self.dp.configure()
+            except BaseException:
+                self.dp.cfg = old       # the generation in force is still the old one
+                raise
+            self.cfg = new
             self.sweeper.set_watermarks(new.early_high_entries(), new.early_low_entries(),
                                         new.timeouts.longest())
         if lost_interval is not None and lost_interval != self.lost_interval:
@@ -473,6 +498,21 @@ class Session:
                 return True
             await asyncio.sleep(0.2)
         return self.entries() == 0
+
+
+def _change(name: str, old, new) -> str:
+    if name == "selection":
+        return f"selection: {old.describe()} -> {new.describe()}"
+    return f"{name}: {old} -> {new}"
+
+
+def check_selection_interfaces(cfg: DatapathConfig, target: Target) -> None:
+    """Per-interface prefixes may only name interfaces the daemon tracks."""
+    for name, sel in cfg.selection.interfaces:
+        if sel and name not in target.ifaces:
+            raise ConfigError(f"interfaces.{name}: prefixes for an interface this daemon does "
+                              f"not track (it tracks {', '.join(target.ifaces)})",
+                              setting="interfaces")
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -446,6 +446,7 @@ class Config:
     values: dict
     origins: dict
     config_file: str | None = None
+    options: dict | None = None           # what the command line gave (setting name -> value)
     datapath: DatapathConfig | None = None
     kafka_settings: object = None         # delivery.kafka_settings.KafkaSettings
     spool_config: "SpoolConfig | None" = None
@@ -513,7 +514,7 @@ def build(command: str, options: dict, config_file: str | None = None,
         s = BY_NAME[name]
         values[s.key] = value
         origins[s.name] = f"--{name}"
-    cfg = Config(command, values, origins, config_file)
+    cfg = Config(command, values, origins, config_file, dict(options))
     if typed:
         _make_parts(cfg)
     return cfg

@@ -73,6 +73,12 @@ class MapCreateOpts(ctypes.Structure):
     ]
 
 
+class XdpAttachOpts(ctypes.Structure):
+    """struct bpf_xdp_attach_opts (libbpf 1.x)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int)]
+
+
 RING_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
@@ -86,13 +92,18 @@ def _declare(L: ctypes.CDLL) -> None:
     L.bpf_map_delete_elem.argtypes = [i32, vp]
     L.bpf_map_get_next_key.argtypes = [i32, vp, vp]
     L.libbpf_num_possible_cpus.argtypes = []
+    L.bpf_xdp_attach.argtypes = [i32, i32, u32, ctypes.POINTER(XdpAttachOpts)]
+    L.bpf_xdp_query_id.argtypes = [i32, i32, ctypes.POINTER(u32)]
+    L.bpf_prog_get_fd_by_id.argtypes = [u32]
+    L.bpf_obj_get_info_by_fd.argtypes = [i32, vp, ctypes.POINTER(u32)]
     L.bpf_map_create.argtypes = [i32, ctypes.c_char_p, u32, u32, u32, ctypes.POINTER(MapCreateOpts)]
     L.ring_buffer__new.restype = vp
     L.ring_buffer__new.argtypes = [i32, RING_CB, vp, vp]
     L.ring_buffer__consume.argtypes = [vp]
     L.ring_buffer__epoll_fd.argtypes = [vp]
     L.ring_buffer__free.argtypes = [vp]
-    for f in ("bpf_map_create", "bpf_prog_test_run_opts", "bpf_obj_get", "bpf_obj_pin", "bpf_map_lookup_elem",
+    for f in ("bpf_xdp_attach", "bpf_xdp_query_id", "bpf_prog_get_fd_by_id",
+              "bpf_obj_get_info_by_fd", "bpf_map_create", "bpf_prog_test_run_opts", "bpf_obj_get", "bpf_obj_pin", "bpf_map_lookup_elem",
               "bpf_map_update_elem", "bpf_map_delete_elem", "bpf_map_get_next_key",
               "ring_buffer__consume", "ring_buffer__epoll_fd"):
         getattr(L, f).restype = i32
@@ -178,6 +189,51 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
 
 
 MAP_TYPE_ARRAY, MAP_TYPE_ARRAY_OF_MAPS = 2, 12
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE = 1 << 1, 1 << 2, 1 << 4
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int, old_prog_fd: int | None = None) -> None:
+    """Attach (or with old_prog_fd: replace, in one step, exactly that
+    program; the kernel refuses with EEXIST if another one is there now)
+    an XDP program, in the calling thread's network namespace."""
+    opts = None
+    if old_prog_fd is not None:
+        opts = XdpAttachOpts(ctypes.sizeof(XdpAttachOpts), old_prog_fd)
+        flags |= XDP_FLAGS_REPLACE
+    rc = lib().bpf_xdp_attach(ifindex, prog_fd, flags, ctypes.byref(opts) if opts else None)
+    if rc != 0:
+        e = _errno(rc)
+        raise OSError(e, os.strerror(e))
+
+
+def xdp_prog_id(ifindex: int, flags: int) -> int:
+    """The id of the XDP program attached in that mode, 0 if none."""
+    pid = ctypes.c_uint32(0)
+    rc = lib().bpf_xdp_query_id(ifindex, flags, ctypes.byref(pid))
+    if rc != 0:
+        e = _errno(rc)
+        raise OSError(e, os.strerror(e))
+    return pid.value
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        e = _errno(fd)
+        raise OSError(e, os.strerror(e))
+    return fd
+
+
+def prog_id_tag(fd: int) -> tuple[int, bytes]:
+    """A program's id and tag (the hash of its instructions), from the
+    first fields of struct bpf_prog_info."""
+    buf = ctypes.create_string_buffer(16)
+    n = ctypes.c_uint32(16)
+    rc = lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(n))
+    if rc != 0:
+        e = _errno(rc)
+        raise OSError(e, os.strerror(e))
+    return int.from_bytes(buf.raw[4:8], "little"), buf.raw[8:16]
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,

@@ -139,6 +139,7 @@ class Attachment:
     netns: str | None
     mode: str = ""       # xdp: "native" | "generic"
     own_clsact: bool = False
+    prog_id: int = 0     # xdp: the program attached (an upgrade replaces exactly it)
 
 
 class Datapath:
@@ -150,6 +151,7 @@ class Datapath:
         self.attachments: list[Attachment] = []
         self.adopted = False
         self.generations: Generations | None = None
+        self.replaced = 0                # programs of a previous owner replaced in one step
         self.generation = 0              # the configuration generation in force
         # Interfaces that per-interface selection sets may name: name -> ifindex.
         self.ifindexes: dict[str, int] = {}
@@ -240,33 +242,67 @@ class Datapath:
 
     # ---- attach -----------------------------------------------------------
     def attach_xdp(self, ifname: str, ns: str | None = None, mode: str | None = None) -> Attachment:
-        from bcc import BPF
-
+        """Attach ct_xdp_ingress. Where the previous owner of these pins left
+        its program attached (an upgrade, a restart), ours replaces exactly
+        that one in one step (XDP_FLAGS_REPLACE against its fd): every
+        packet meets the old program or the new one, both on the same maps,
+        and a program someone else attached in between is not overwritten."""
         mode = mode or self.cfg.xdp_mode
-        ifindex(ifname, ns)
-        if mode == "auto":
-            # An adopted attachment keeps its mode: attaching in the other
-            # mode beside it would fail (native and generic XDP exclude each
-            # other); in the same mode the new program replaces the old one
-            # atomically, so no packet goes untracked.
-            for old in load_attachments(self.cfg.pin_dir):
-                if (old.ifname, old.kind, old.netns) == (ifname, "xdp", ns) and old.mode:
-                    mode = old.mode
+        idx = ifindex(ifname, ns)
+        previous = None
+        recorded = load_attachments(self.cfg.pin_dir)
+        for old in recorded:
+            if (old.ifname, old.kind, old.netns) == (ifname, "xdp", ns) and old.mode:
+                previous = old
+        # The XDP programs this pin dir's daemons attached (also under another
+        # namespace spelling: started inside the namespace, or with -n).
+        ours = {a.prog_id for a in recorded if a.kind == "xdp" and a.prog_id}
+        if mode == "auto" and previous is not None:
+            # Native and generic XDP exclude each other: keep the mode.
+            mode = previous.mode
         tries = {"native": [("native", XDP_FLAGS_DRV_MODE)],
                  "generic": [("generic", XDP_FLAGS_SKB_MODE)],
                  "auto": [("native", XDP_FLAGS_DRV_MODE), ("generic", XDP_FLAGS_SKB_MODE)]}[mode]
+        fd = self.prog_fd("ct_xdp_ingress")
         last = None
         with netns.entered(ns):
             for name, flags in tries:
                 try:
-                    BPF.attach_xdp(ifname, self.progs["ct_xdp_ingress"], flags)
-                except Exception as exc:
+                    replaced = self._replace_xdp(ifname, idx, fd, flags, previous if previous
+                                                 and previous.mode == name else None, ours)
+                except InterfaceError:
+                    raise
+                except OSError as exc:
                     last = exc
                     continue
-                att = Attachment(ifname, "xdp", ns, mode=name)
+                att = Attachment(ifname, "xdp", ns, mode=name,
+                                 prog_id=bpfsys.prog_id_tag(fd)[0])
                 self._record(att)
+                self.replaced += replaced
                 return att
         raise InterfaceError(f"cannot attach XDP ({mode}) to {ifname}: {last}")
+
+    @staticmethod
+    def _replace_xdp(ifname: str, idx: int, fd: int, flags: int,
+                     previous: Attachment | None, ours: set[int]) -> int:
+        """Attach fd; returns 1 if it replaced the previous owner's program.
+        A record without a program id (an older build's) vouches for the
+        program on its own interface."""
+        current = bpfsys.xdp_prog_id(idx, flags)
+        if not current:
+            bpfsys.xdp_attach(idx, fd, flags)
+            return 0
+        legacy = previous is not None and not previous.prog_id
+        if current not in ours and not legacy:
+            raise InterfaceError(
+                f"another XDP program (id {current}) is attached to {ifname}, not one this pin "
+                "dir's ctstream attached: ctstream does not replace it (detach it first)")
+        old_fd = bpfsys.prog_fd_by_id(current)
+        try:
+            bpfsys.xdp_attach(idx, fd, flags, old_prog_fd=old_fd)
+        finally:
+            os.close(old_fd)
+        return 1
 
     def attach_tc_egress(self, ifname: str, ns: str | None = None) -> Attachment:
         return self.attach_tc(ifname, "tc-egress", ns)

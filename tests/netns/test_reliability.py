@@ -99,11 +99,12 @@ class Daemon:
     """One `ctstream events` process; its stdout and stderr go to a file
     (nothing can block on a full pipe), read up to "tracking on"."""
 
-    def __init__(self, argv: list[str], log: Path):
+    def __init__(self, argv: list[str], log: Path, env: dict | None = None):
         self.log = log
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT,
+                                         env={**os.environ, **env} if env else None)
         deadline = time.monotonic() + ATTACH_TIMEOUT
         while "tracking on" not in self.output():
             if self.proc.poll() is not None:
@@ -134,11 +135,11 @@ class Bed:
     logs: Path
     daemons: list[Daemon] = field(default_factory=list)
 
-    def start(self, *extra: str) -> Daemon:
+    def start(self, *extra: str, env: dict | None = None) -> Daemon:
         argv = [CTSTREAM, "events", "-n", self.pair.server.netns, "-i", self.pair.server.ifname,
                 "--egress", "--pin-dir", self.pin, "--sink", f"jsonl:{self.sink}",
                 *TIMEOUTS, *GRACE, *extra]
-        d = Daemon(argv, self.logs / f"events{len(self.daemons)}.log")
+        d = Daemon(argv, self.logs / f"events{len(self.daemons)}.log", env)
         self.daemons.append(d)
         return d
 

@@ -15,7 +15,7 @@ LAYERS = [
     ("streamer.delivery",),
     ("streamer.observe",),
     ("streamer.settings",),
-    ("streamer.accounting", "streamer.export"),
+    ("streamer.accounting", "streamer.export", "streamer.control"),
     ("streamer.daemon",),
     ("streamer.demo",),
     ("streamer.cli",),
@@ -70,7 +70,7 @@ def imports() -> dict[str, set[str]]:
 
 def test_roles_are_folders():
     folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert folders == {"datapath", "delivery", "observe", "accounting", "export", "demo"}
+    assert folders == {"datapath", "delivery", "observe", "accounting", "export", "control", "demo"}
     top = {p.stem for p in PKG.glob("*.py")}
     assert top == {"__init__", "errors", "settings", "daemon", "cli"}
 
