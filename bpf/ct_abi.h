@@ -101,6 +101,7 @@
 #define CT_STAT_OUTBOX_FULL     20 /* tuple reused, no generation free: a DESTROY left unguarded */
 #define CT_STAT_IGNORED_PACKETS 21 /* packets of flows the selection ignores (passed untouched) */
 #define CT_STAT_IGNORED_BYTES   22
+#define CT_STAT_HELD            23 /* packets held while a migration froze this layout */
 #define CT_STAT__MAX            24
 
 /* Flags in the top bits of ct_entry.last_ns (CLOCK_MONOTONIC nanoseconds
@@ -172,6 +173,9 @@ struct ct_entry {
 			    * its DESTROY's seq + 1) */
 	__u64 sched;       /* low 32: index slot that holds the entry;
 			    * high 32: see CT_SCHED_* above */
+#if CT_LAYOUT >= 3
+	__u64 moved_ns;    /* layout 3: when `ctstream migrate` moved it here, 0 if made here */
+#endif
 };
 
 /* The event written to the ring. 120 bytes. */
@@ -244,8 +248,20 @@ struct ct_config {
 
 /* The layout of the pinned maps: bumped when a pinned map's key, value or
  * size rule changes, so that a daemon refuses a table it would misread.
- * Layout 1 had no ct_meta (and one ct_config slot). */
+ * Layout 1 had no ct_meta (and one ct_config slot). CT_LAYOUT is the layout
+ * a build makes: this source's by default; -DCT_LAYOUT=3 builds the next
+ * one, which so far differs only in struct ct_entry (one more field) and in
+ * its tables' pin names. It exists to exercise `ctstream migrate`, which
+ * moves a live table from one layout to the other
+ * (streamer/datapath/migrate.py). */
 #define CT_LAYOUT_VERSION 2
+#define CT_LAYOUT_NEXT    3
+#ifndef CT_LAYOUT
+#define CT_LAYOUT CT_LAYOUT_VERSION
+#endif
+#if CT_LAYOUT != CT_LAYOUT_VERSION && CT_LAYOUT != CT_LAYOUT_NEXT
+#error "CT_LAYOUT must be CT_LAYOUT_VERSION or CT_LAYOUT_NEXT"
+#endif
 
 /* Verdicts of the selection sets (struct ct_sel.verdict). */
 #define CT_SEL_TRACK  1
@@ -255,8 +271,30 @@ struct ct_config {
  * ct_meta array map. 16 bytes. */
 struct ct_meta {
 	__u64 generation;          /* its low bit is the ct_config/ct_sel slot in force */
-	__u32 layout;              /* CT_LAYOUT_VERSION of the programs that made the maps */
-	__u32 _pad;
+	__u32 layout;              /* the CT_LAYOUT of the programs the maps belong to */
+	__u32 frozen;              /* a layout: its programs only hold packets (migrate) */
+};
+
+/* What the programs of a frozen layout keep of a packet, per tuple as the
+ * packet carries it, while `ctstream migrate` moves their table: the new
+ * layout's ct_merge4/6 adds it to the moved entries. 40 bytes. */
+struct ct_hold {
+	__u64 pkts;
+	__u64 bytes;
+	__u64 first_ns;
+	__u64 last_ns;
+	__u64 tcp_flags;           /* the flags bytes seen, ORed */
+};
+
+/* Merge input: a header and up to CT_MERGE_BATCH keys (ct_key4 or ct_key6)
+ * of ct_hold4/6; the program takes each key's hold and its reverse's. */
+#define CT_MERGE_BATCH 4
+
+struct ct_merge_hdr {
+	__u32 count;    /* in: keys that follow */
+	__u32 merged;   /* out: flows whose holds were added to their entry */
+	__u32 created;  /* out: flows that started during the hold: entries made */
+	__u32 lost;     /* out: holds that found no entry and could start none */
 };
 
 /* Selection set keys (LPM tries). prefixlen counts the bits after it: slot
@@ -359,7 +397,9 @@ struct ct_ack6 {
 
 _Static_assert(sizeof(struct ct_key4) == 16, "ct_key4 size");
 _Static_assert(sizeof(struct ct_key6) == 40, "ct_key6 size");
+#if CT_LAYOUT == CT_LAYOUT_VERSION
 _Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
+#endif
 _Static_assert(sizeof(struct ct_event) == 120, "ct_event size");
 _Static_assert(sizeof(struct ct_config) == 104, "ct_config size");
 _Static_assert(sizeof(struct ct_global) == 56, "ct_global size");
@@ -367,6 +407,9 @@ _Static_assert(sizeof(struct ct_meta) == 16, "ct_meta size");
 _Static_assert(sizeof(struct ct_sel_key4) == 16, "ct_sel_key4 size");
 _Static_assert(sizeof(struct ct_sel_key6) == 28, "ct_sel_key6 size");
 _Static_assert(sizeof(struct ct_sel) == 4, "ct_sel size");
+_Static_assert(sizeof(struct ct_hold) == 40, "ct_hold size");
+_Static_assert(sizeof(struct ct_merge_hdr) == 16, "ct_merge_hdr size");
+
 _Static_assert(sizeof(struct ct_wheel_chunk4) == 952, "ct_wheel_chunk4 size");
 _Static_assert(sizeof(struct ct_wheel_chunk6) == 928, "ct_wheel_chunk6 size");
 _Static_assert(48 + 8 + sizeof(struct ct_wheel_chunk4) + 8 <= 1024, "a chunk4 element fits 1 KiB");

@@ -209,9 +209,12 @@ static __always_inline void ct_unreserve(struct ct_global *g, u32 fam)
 		__sync_fetch_and_add(&g->entries6, -1);
 }
 
-/* ended: the ended connection that waits under key for its ack, if any. */
+/* ended: the ended connection that waits under key for its ack, if any.
+ * first: when the connection began, if before now (a migration's merge;
+ * the packet path passes 0). */
 static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
-				     struct ct_config *cfg, u64 now, struct ct_entry *ended)
+				     struct ct_config *cfg, u64 now, struct ct_entry *ended,
+				     u64 first)
 {
 	u8 proto = ct_key_proto(fam, key);
 	u8 state, flags;
@@ -236,7 +239,7 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	}
 	struct ct_entry ne = {};
 	ne.ct_id = __sync_fetch_and_add(&g->next_ct_id, 1);
-	ne.first_ns = now;
+	ne.first_ns = first ? first : now;
 	ne.last_ns = now;
 	ne.pkts[CT_DIR_ORIG] = 1;
 	ne.bytes[CT_DIR_ORIG] = p->l3_len;
@@ -298,7 +301,7 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 		 * the old connection now waits under key. */
 		ended = e;
 	}
-	int c = ct_create(fam, key, p, cfg, now, ended);
+	int c = ct_create(fam, key, p, cfg, now, ended, 0);
 	if (c == CT_CREATE_OK)
 		return CT_VERDICT_PASS;
 	if (c == CT_CREATE_RACE) {
@@ -388,6 +391,34 @@ static __always_inline int ct_ignore(u32 fam, struct ct_pkt *p, struct ct_config
 	return CT_VERDICT_PASS;
 }
 
+/* A migration froze this layout's table: keep what the packet adds for the
+ * new layout's merge (ct_merge4/6), touch nothing else. A hold that cannot
+ * be made (map full) leaves the packet untracked, counted. */
+static __always_inline int ct_hold_packet(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now)
+{
+	struct ct_hold *h = fam == 4 ? ct_hold4.lookup(&p->k4) : ct_hold6.lookup(&p->k6);
+	if (!h) {
+		struct ct_hold z = {.first_ns = now, .last_ns = now};
+		if (fam == 4) {
+			ct_hold4.insert(&p->k4, &z);   /* another CPU's stays */
+			h = ct_hold4.lookup(&p->k4);
+		} else {
+			ct_hold6.insert(&p->k6, &z);
+			h = ct_hold6.lookup(&p->k6);
+		}
+		if (!h)
+			return ct_untracked(p, cfg, 0);
+	}
+	__sync_fetch_and_add(&h->pkts, 1);
+	__sync_fetch_and_add(&h->bytes, p->l3_len);
+	if (p->tcp_flags)
+		__sync_fetch_and_or(&h->tcp_flags, (u64)p->tcp_flags);
+	if (now > h->last_ns)
+		h->last_ns = now;
+	ct_stat_inc(CT_STAT_HELD);
+	return CT_VERDICT_PASS;
+}
+
 /* The datapath entry shared by XDP and tc; ifindex is the interface the
  * packet is seen on (for per-interface selection sets). */
 static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, u32 ifindex)
@@ -404,7 +435,8 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, 
 		return CT_VERDICT_PASS;
 	}
 	u32 slot;
-	struct ct_config *cfg = ct_cfg_slot(&slot);
+	int frozen;
+	struct ct_config *cfg = ct_cfg_slot(&slot, &frozen);
 	if (!cfg)
 		return CT_VERDICT_PASS;
 	if (rc == CT_PARSE_FRAGMENT) {
@@ -416,6 +448,8 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, 
 		return ct_untracked(&p, cfg, 0);
 	}
 	u64 now = bpf_ktime_get_ns();
+	if (frozen)
+		return ct_hold_packet(p.family == 4 ? 4 : 6, &p, cfg, now);
 	u32 sel = cfg->flags & (CT_CFG_SELECT | CT_CFG_SELECT_IFACE);
 	if (p.family == 4) {
 		if (sel && ct_is_ignored(4, &p, slot, (sel & CT_CFG_SELECT_IFACE) ? ifindex : 0))

@@ -46,8 +46,20 @@
  * of the limit, plus 16 per hash bucket), and creating or ending an entry
  * allocates nothing. IPv6 entries are allocated as they come, up to their
  * own cap, so an IPv4 network pays for the IPv6 map's buckets only. */
-BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_entry, ct4, CT_MAX4 + CT_MAP_SLACK, CT_PIN("ct4"));
-BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_entry, ct6, CT_MAX6 + CT_MAP_SLACK, CT_PIN("ct6"), BPF_F_NO_PREALLOC);
+#if CT_LAYOUT >= 3
+#define CT_TABLE4_PIN "ct4_l3"  /* beside layout 2's while migrate moves them */
+#define CT_TABLE6_PIN "ct6_l3"
+#else
+#define CT_TABLE4_PIN "ct4"
+#define CT_TABLE6_PIN "ct6"
+#endif
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_entry, ct4, CT_MAX4 + CT_MAP_SLACK, CT_PIN(CT_TABLE4_PIN));
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_entry, ct6, CT_MAX6 + CT_MAP_SLACK, CT_PIN(CT_TABLE6_PIN), BPF_F_NO_PREALLOC);
+
+/* A migration's hold (struct ct_hold): shared by every layout. */
+#define CT_HOLD_MAX 65536
+BPF_TABLE_PINNED("hash", struct ct_key4, struct ct_hold, ct_hold4, CT_HOLD_MAX, CT_PIN("ct_hold4"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ct_key6, struct ct_hold, ct_hold6, CT_HOLD_MAX, CT_PIN("ct_hold6"), BPF_F_NO_PREALLOC);
 
 /* The expiry index. */
 BPF_TABLE_PINNED("hash", struct ct_wheel_slot_key, struct ct_wheel_slot, ct_wslots, CT_WHEEL_SLOTS_MAX, CT_PIN("ct_wslots"));
@@ -115,19 +127,21 @@ static __always_inline void ct_stat_inc(u32 idx)
  * everything the run decides comes from the one generation it read. A
  * single byte holds the slot bit, so even a torn read of the generation
  * gives the old or the new slot. */
-static __always_inline struct ct_config *ct_cfg_slot(u32 *slot)
+static __always_inline struct ct_config *ct_cfg_slot(u32 *slot, int *frozen)
 {
 	u32 zero = 0;
 	struct ct_meta *m = ct_meta.lookup(&zero);
 	u32 s = m ? (u32)(*(volatile u8 *)&m->generation & 1) : 0;
 	*slot = s;
+	*frozen = m && *(volatile u32 *)&m->frozen == CT_LAYOUT;
 	return ct_config.lookup(&s);
 }
 
 static __always_inline struct ct_config *ct_cfg(void)
 {
 	u32 slot;
-	return ct_cfg_slot(&slot);
+	int frozen;
+	return ct_cfg_slot(&slot, &frozen);
 }
 
 static __always_inline struct ct_global *ct_glob(void)

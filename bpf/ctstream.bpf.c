@@ -27,3 +27,4 @@
 #include "sweeper.c"
 #include "early_drop.c"
 #include "outbox_ack.c"
+#include "migrate_merge.c"

@@ -178,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     c3.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
     c3.add_argument("-o", "--output", choices=("text", "json"), default="text", help=_OUTPUT_HELP)
 
+    mg = sub.add_parser("migrate", help="move a pinned table into this build's layout of the maps",
+                        description="Move the table pinned at --pin-dir (live entries and the "
+                                    "outbox) into the layout of the maps this build makes, while "
+                                    "the kernel tracks on: the old programs are frozen (they hold "
+                                    "each packet aside), the table is copied, the new programs "
+                                    "replace the old ones, and what was held is added to the "
+                                    "moved entries. Stop the daemon first (its programs stay "
+                                    "attached); start the new build afterwards.")
+    mg.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=_PIN_DIR_HELP)
+    mg.add_argument("--to-layout", type=int, metavar="N",
+                    help="the layout to move to (default: this build's, "
+                         "$CTSTREAM_LAYOUT or the source's)")
+
     dm = sub.add_parser("demo", help="the whole pipeline: namespaces and traffic, a local Kafka, "
                                      "the daemon, the accounting consumer, a delivery report",
                         description="Run the whole pipeline on this machine and remove what it "
@@ -292,6 +305,12 @@ def _dispatch(a: argparse.Namespace) -> int:
         return _stats(a)
     if a.cmd == "detach":
         return _detach(a)
+    if a.cmd == "migrate":
+        from .datapath.migrate import migrate
+        report = migrate(a.pin_dir, a.to_layout,
+                         progress=lambda msg: print(f"ctstream: {msg}", file=sys.stderr))
+        print(f"ctstream: {report.text()}")
+        return 0
     if a.cmd == "config":
         from .control.command import config_main
         return config_main(a)

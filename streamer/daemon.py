@@ -502,8 +502,24 @@ class Session:
 
 def _change(name: str, old, new) -> str:
     if name == "selection":
-        return f"selection: {old.describe()} -> {new.describe()}"
+        return f"selection: {_selection_summary(old)} -> {_selection_summary(new)}"
     return f"{name}: {old} -> {new}"
+
+
+def _selection_summary(sel) -> str:
+    """A short form: a file of 10,000 prefixes makes no 400 KiB log line."""
+    if not sel.active():
+        return "every flow"
+    def one(s) -> str:
+        if len(s.track) + len(s.ignore) <= 4:
+            return (f"track {','.join(map(str, s.track)) or '-'} "
+                    f"ignore {','.join(map(str, s.ignore)) or '-'}")
+        return f"{len(s.track)} track and {len(s.ignore)} ignore prefixes"
+    out = one(sel.top)
+    for name, s in sel.interfaces:
+        if s:
+            out += f"; {name}: {one(s)}"
+    return out
 
 
 def check_selection_interfaces(cfg: DatapathConfig, target: Target) -> None:

@@ -52,6 +52,8 @@ CFG_QUIET_CREATE, CFG_QUIET_ASSURED, CFG_QUIET_STATE = 0x2, 0x4, 0x8
 CFG_SELECT, CFG_SELECT_IFACE = 0x10, 0x20
 CONFIG_SLOTS = 2          # ct_config slots; the one in force: ct_meta.generation & 1
 LAYOUT_VERSION = 2        # of the pinned maps (layout 1: no ct_meta, one ct_config slot)
+LAYOUT_NEXT = 3           # the next layout, built with -DCT_LAYOUT=3 (bpf/ct_abi.h)
+MERGE_BATCH = 4
 SEL_TRACK, SEL_IGNORE = 1, 2
 
 # Flags in the top bits of an entry's last_ns (bpf/ct_abi.h, CT_LAST_*).
@@ -68,7 +70,7 @@ STAT_NAMES = (
     "fragments", "untracked_packets", "untracked_bytes", "not_ip", "events",
     "wheel_full", "rescheduled", "swept", "other_l4", "missed_redelivered",
     "destroy_retries", "early_drops", "acked", "ack_stale", "outbox_full",
-    "ignored_packets", "ignored_bytes",
+    "ignored_packets", "ignored_bytes", "held",
 )
 STAT_MAX = 24
 
@@ -202,7 +204,11 @@ GLOBAL = Layout("ct_global", (
     ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
     ("entries6", "Q"),
 ))
-META = Layout("ct_meta", (("generation", "Q"), ("layout", "I"), ("_pad", "I")))
+META = Layout("ct_meta", (("generation", "Q"), ("layout", "I"), ("frozen", "I")))
+HOLD = Layout("ct_hold", (("pkts", "Q"), ("bytes", "Q"), ("first_ns", "Q"), ("last_ns", "Q"),
+                          ("tcp_flags", "Q")))
+MERGE_HDR = Layout("ct_merge_hdr", (("count", "I"), ("merged", "I"), ("created", "I"),
+                                    ("lost", "I")))
 SEL_KEY4 = Layout("ct_sel_key4", (("prefixlen", "I"), ("slot", "I"), ("ifindex", "I"),
                                   ("addr", "4s")))
 SEL_KEY6 = Layout("ct_sel_key6", (("prefixlen", "I"), ("slot", "I"), ("ifindex", "I"),
@@ -216,7 +222,25 @@ ACK_HDR = Layout("ct_ack_hdr", (("count", "I"), ("acked", "I")))
 ACK4 = Layout("ct_ack4", (("key", f"{KEY4.size}s"), ("ct_id", "Q")))
 ACK6 = Layout("ct_ack6", (("key", f"{KEY6.size}s"), ("ct_id", "Q")))
 LAYOUTS = (KEY4, KEY6, ENTRY, EVENT, CONFIG, GLOBAL, SWEEP_REQ, ACK_HDR, ACK4, ACK6, META,
-           SEL_KEY4, SEL_KEY6, SEL)
+           SEL_KEY4, SEL_KEY6, SEL, HOLD, MERGE_HDR)
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """What a layout of the pinned maps means for the connection tables:
+    their pin names and the entry's size (its first ENTRY.size bytes are
+    struct ct_entry of layout 2 in every layout so far)."""
+
+    layout: int
+    pin4: str
+    pin6: str
+    entry_size: int
+
+
+TABLE_LAYOUTS = {
+    LAYOUT_VERSION: TableLayout(LAYOUT_VERSION, "ct4", "ct6", ENTRY.size),
+    LAYOUT_NEXT: TableLayout(LAYOUT_NEXT, "ct4_l3", "ct6_l3", ENTRY.size + 8),  # + moved_ns
+}
 
 _EVENT = struct.Struct(EVENT.fmt)
 _KEY4 = struct.Struct(KEY4.fmt)
@@ -371,13 +395,13 @@ def unpack_config(buf: bytes) -> dict:
             "early_low": v[TO_MAX + 4], "ipv6_limit": v[TO_MAX + 5]}
 
 
-def pack_meta(generation: int, layout: int = LAYOUT_VERSION) -> bytes:
-    return struct.pack(META.fmt, generation, layout, 0)
+def pack_meta(generation: int, layout: int = LAYOUT_VERSION, frozen: int = 0) -> bytes:
+    return struct.pack(META.fmt, generation, layout, frozen)
 
 
 def unpack_meta(buf: bytes) -> dict:
-    gen, layout, _ = struct.unpack(META.fmt, buf[:META.size])
-    return {"generation": gen, "layout": layout}
+    gen, layout, frozen = struct.unpack(META.fmt, buf[:META.size])
+    return {"generation": gen, "layout": layout, "frozen": frozen}
 
 
 def unpack_global(buf: bytes) -> dict:

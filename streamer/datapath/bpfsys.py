@@ -224,6 +224,19 @@ def prog_fd_by_id(prog_id: int) -> int:
     return fd
 
 
+def map_info(fd: int) -> dict:
+    """type, id, key_size, value_size, max_entries and flags of a map (the
+    first fields of struct bpf_map_info)."""
+    buf = ctypes.create_string_buffer(24)
+    n = ctypes.c_uint32(24)
+    rc = lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(n))
+    if rc != 0:
+        e = _errno(rc)
+        raise OSError(e, os.strerror(e))
+    names = ("type", "id", "key_size", "value_size", "max_entries", "map_flags")
+    return dict(zip(names, (int.from_bytes(buf.raw[i:i + 4], "little") for i in range(0, 24, 4))))
+
+
 def prog_id_tag(fd: int) -> tuple[int, bytes]:
     """A program's id and tag (the hash of its instructions), from the
     first fields of struct bpf_prog_info."""

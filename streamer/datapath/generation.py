@@ -44,8 +44,9 @@ class Generations:
     """The generation maps of one datapath, by their fds (meta, config,
     sel4, sel6). One writer at a time: the daemon; its lock is here."""
 
-    def __init__(self, fds: dict[str, int]):
+    def __init__(self, fds: dict[str, int], layout: int = abi.LAYOUT_VERSION):
         self.fds = fds
+        self.layout = layout
         self.lock = threading.Lock()
         self._barrier: bpfsys.ProgramsBarrier | None = None
 
@@ -67,9 +68,10 @@ class Generations:
                                 "does not track")
         with self.lock:
             m = self.meta()
-            if m["layout"] not in (0, abi.LAYOUT_VERSION):
-                raise StreamerError(f"the pinned maps have layout {m['layout']}, this build "
-                                    f"writes layout {abi.LAYOUT_VERSION}")
+            if m["layout"] not in (0, self.layout) or m["frozen"]:
+                raise StreamerError(f"the pinned maps have layout {m['layout']}"
+                                    f"{' (frozen by a migration)' if m['frozen'] else ''}, "
+                                    f"this build writes layout {self.layout}")
             gen = m["generation"] + 1
             slot = gen & 1
             self.wait_for_programs()
@@ -78,7 +80,7 @@ class Generations:
             self._rewrite_set(self.fds["ct_sel6"], SEL_KEY6.size, slot, v6)
             bpfsys.map_update(self.fds["ct_config"], _slot_key(slot), cfg.map_config_bytes())
             bpfsys.map_update(self.fds["ct_meta"], _ZERO,
-                              abi.pack_meta(gen))
+                              abi.pack_meta(gen, self.layout))
             self.wait_for_programs()
             return gen
 

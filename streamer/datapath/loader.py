@@ -54,7 +54,7 @@ TC_PRIO = 49152  # tc's default first priority; our filter is found by name
 
 GENERATION_MAPS = ("ct_meta", "ct_config", "ct_sel4", "ct_sel6")
 PROGRAMS = ("ct_xdp_ingress", "ct_tc_ingress", "ct_tc_egress", "ct_sweep4", "ct_sweep6",
-            "ct_early4", "ct_early6", "ct_ack4", "ct_ack6")
+            "ct_early4", "ct_early6", "ct_ack4", "ct_ack6", "ct_merge4", "ct_merge6")
 
 _INCLUDE = re.compile(r'\s*#\s*include\s+"([A-Za-z0-9_.]+)"\s*$')
 
@@ -81,9 +81,26 @@ def expand_source(name: str = MAIN_SOURCE, bpf_dir: Path = BPF_DIR) -> str:
     return "\n".join(expand(name)) + "\n"
 
 
-def cflags(cfg: DatapathConfig, bpf_dir: Path = BPF_DIR) -> list[str]:
+LAYOUT_ENV = "CTSTREAM_LAYOUT"
+
+
+def build_layout() -> int:
+    """The layout of the pinned maps this process builds: this source's
+    (abi.LAYOUT_VERSION), or with CTSTREAM_LAYOUT=3 the next one, which
+    exists to exercise `ctstream migrate` (bpf/ct_abi.h)."""
+    text = os.environ.get(LAYOUT_ENV, "")
+    if not text:
+        return abi.LAYOUT_VERSION
+    if not text.isdigit() or int(text) not in abi.TABLE_LAYOUTS:
+        raise LoadError(f"{LAYOUT_ENV}={text!r}: the layouts this build makes are "
+                        f"{', '.join(map(str, abi.TABLE_LAYOUTS))}")
+    return int(text)
+
+
+def cflags(cfg: DatapathConfig, bpf_dir: Path = BPF_DIR, layout: int | None = None) -> list[str]:
     return [
         f"-I{bpf_dir}",
+        f"-DCT_LAYOUT={int(layout or build_layout())}",
         f'-DCT_PIN_DIR="{cfg.pin_dir}"',  # validated: /sys/fs/bpf/[A-Za-z0-9_.-/]+
         f"-DCT_MAX4={int(cfg.table_limit)}",
         f"-DCT_MAX6={int(cfg.ipv6_capacity())}",
@@ -152,24 +169,31 @@ class Datapath:
         self.adopted = False
         self.generations: Generations | None = None
         self.replaced = 0                # programs of a previous owner replaced in one step
+        self.layout = abi.LAYOUT_VERSION   # set by load(): the layout this build makes
+        self.table_layout = abi.TABLE_LAYOUTS[self.layout]
         self.generation = 0              # the configuration generation in force
         # Interfaces that per-interface selection sets may name: name -> ifindex.
         self.ifindexes: dict[str, int] = {}
 
     # ---- load -------------------------------------------------------------
-    def load(self) -> "Datapath":
+    def load(self, configure: bool = True, layout: int | None = None) -> "Datapath":
+        """Compile and load; pins already there are adopted (their layout must
+        be this build's). configure=False (migrate) leaves ct_meta and the
+        configuration as they are, and the pinned layout unchecked."""
         check_environment()
         from bcc import BPF  # Debian's python3-bpfcc
 
-        self.adopted = os.path.exists(os.path.join(self.cfg.pin_dir, "ct4"))
-        if self.adopted:
-            check_layout(self.cfg.pin_dir)
+        self.layout = layout or build_layout()
+        self.table_layout = abi.TABLE_LAYOUTS[self.layout]
+        self.adopted = pinned_layout(self.cfg.pin_dir) is not None
+        if self.adopted and configure:
+            check_layout(self.cfg.pin_dir, self.layout)
         # Root only, also when it was made before by other means (the one
         # place that sets it: systemd/ctstream.service has no ExecStartPre).
         os.makedirs(self.cfg.pin_dir, mode=0o700, exist_ok=True)
         os.chmod(self.cfg.pin_dir, 0o700)
         try:
-            self.bpf = BPF(text=expand_source(), cflags=cflags(self.cfg))
+            self.bpf = BPF(text=expand_source(), cflags=cflags(self.cfg, layout=self.layout))
             self.progs = {name: self.bpf.load_func(
                 name, BPF.XDP if name == "ct_xdp_ingress" else BPF.SCHED_CLS)
                 for name in PROGRAMS}
@@ -179,8 +203,9 @@ class Datapath:
                 hint = (f"; maps pinned at {self.cfg.pin_dir} may come from a different "
                         "configuration: `ctstream detach` removes them")
             raise LoadError(f"loading the BPF datapath failed: {exc}{hint}") from exc
-        self.configure()
-        self._seed_global()
+        if configure:
+            self.configure()
+            self._seed_global()
         return self
 
     def fd(self, map_name: str) -> int:
@@ -202,7 +227,7 @@ class Datapath:
         configuration in force, as a new generation; safe while attached.
         Returns the generation."""
         if self.generations is None:
-            self.generations = Generations({n: self.fd(n) for n in GENERATION_MAPS})
+            self.generations = Generations({n: self.fd(n) for n in GENERATION_MAPS}, self.layout)
         self.generation = self.generations.apply(self.cfg, self.ifindexes)
         return self.generation
 
@@ -376,33 +401,48 @@ class Datapath:
 
 # ---- attachment records and teardown (also for a process that died) -------
 
-def pinned_layout(pin_dir: str) -> int | None:
-    """The layout of the maps pinned at pin_dir: None if there are none, 1
-    for maps made before layouts were recorded (no ct_meta), else the
-    layout ct_meta records (0: made, not yet configured: this build's)."""
-    if not os.path.exists(os.path.join(pin_dir, "ct4")):
-        return None
+def pinned_meta(pin_dir: str) -> dict | None:
+    """ct_meta of the maps pinned at pin_dir (None: no ct_meta pinned)."""
     try:
         fd = bpfsys.obj_get(os.path.join(pin_dir, "ct_meta"))
     except FileNotFoundError:
-        return 1
+        return None
     try:
         raw = bpfsys.map_lookup(fd, b"\0" * 4, abi.META.size)
     finally:
         os.close(fd)
-    layout = abi.unpack_meta(raw)["layout"] if raw else 0
-    return layout or abi.LAYOUT_VERSION
+    return abi.unpack_meta(raw) if raw else None
 
 
-def check_layout(pin_dir: str) -> None:
+def pinned_layout(pin_dir: str) -> int | None:
+    """The layout of the maps pinned at pin_dir: None if there are none, 1
+    for maps made before layouts were recorded (no ct_meta), else the
+    layout ct_meta records (0: made, never configured: judged by the names
+    of its tables)."""
+    tables = [n for n, t in abi.TABLE_LAYOUTS.items()
+              if os.path.exists(os.path.join(pin_dir, t.pin4))]
+    if not tables:
+        return None
+    meta = pinned_meta(pin_dir)
+    if meta is None:
+        return 1
+    return meta["layout"] or tables[0]
+
+
+def check_layout(pin_dir: str, layout: int | None = None) -> None:
     """Refuse maps this build would misread."""
-    layout = pinned_layout(pin_dir)
-    if layout is not None and layout != abi.LAYOUT_VERSION:
+    layout = layout or build_layout()
+    pinned = pinned_layout(pin_dir)
+    if pinned is not None and pinned != layout:
         raise LoadError(
-            f"the maps pinned at {pin_dir} have layout {layout}, and this build of ctstream "
-            f"reads layout {abi.LAYOUT_VERSION} only: `ctstream migrate --pin-dir {pin_dir}` "
+            f"the maps pinned at {pin_dir} have layout {pinned}, and this build of ctstream "
+            f"reads layout {layout} only: `ctstream migrate --pin-dir {pin_dir}` "
             "moves their entries and outbox into this build's layout (or `ctstream detach "
             f"--pin-dir {pin_dir}` removes them, giving both up)")
+    meta = pinned_meta(pin_dir)
+    if meta and meta["frozen"]:
+        raise LoadError(f"the maps pinned at {pin_dir} are frozen by a migration that did not "
+                        f"finish: run `ctstream migrate --pin-dir {pin_dir}` again")
 
 
 def _state_file(pin_dir: str) -> Path:

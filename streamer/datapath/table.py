@@ -45,8 +45,10 @@ class PinnedTable:
         self._fds: dict[str, int] = {}
 
     def fd(self, name: str) -> int:
+        """A pinned map by its name in the programs (ct4 and ct6 are pinned
+        under their layout's names)."""
         if name not in self._fds:
-            path = os.path.join(self.pin_dir, name)
+            path = os.path.join(self.pin_dir, self._pinned_name(name))
             try:
                 self._fds[name] = bpfsys.obj_get(path)
             except FileNotFoundError as exc:
@@ -54,6 +56,15 @@ class PinnedTable:
                     f"no ctstream datapath pinned at {self.pin_dir} "
                     "(start `ctstream events` or `ctstream run` first)") from exc
         return self._fds[name]
+
+    def _pinned_name(self, name: str) -> str:
+        if name not in ("ct4", "ct6"):
+            return name
+        for layout in abi.TABLE_LAYOUTS.values():
+            pinned = layout.pin4 if name == "ct4" else layout.pin6
+            if os.path.exists(os.path.join(self.pin_dir, pinned)):
+                return pinned
+        return name
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -79,21 +90,31 @@ class PinnedTable:
         now = _monotonic_ns() if now_ns is None else now_ns
         for family, kstruct in ((4, _KEY4), (6, _KEY6)):
             fd = self.fd(f"ct{family}")
+            size = entry_size(fd)
             seen = set()
             for key in bpfsys.map_keys(fd, kstruct.size):
                 if key in seen:
                     continue
                 seen.add(key)
-                raw = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
+                raw = bpfsys.map_lookup(fd, key, size)
                 if raw is None:
                     continue  # expired while we walked
-                value = _ENTRY.unpack(raw)
+                value = _ENTRY.unpack_from(raw)
                 e = _decode(family, kstruct.unpack(key), value, now)
                 if e is not None:
                     yield e, value
 
     def stats(self) -> dict:
         return read_counters(self.fd("ct_stats"), self.fd("ct_global"))
+
+
+def entry_size(fd: int) -> int:
+    """The value size of a table map: struct ct_entry of its layout, which
+    starts with layout 2's fields (abi.TABLE_LAYOUTS)."""
+    size = bpfsys.map_info(fd)["value_size"]
+    if size < abi.ENTRY.size:
+        raise NotAttachedError(f"a table map with {size}-byte values: not a ctstream table")
+    return size
 
 
 def read_counters(stats_fd: int, global_fd: int) -> dict:

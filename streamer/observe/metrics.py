@@ -238,7 +238,10 @@ def walk_states(fd4: int, fd6: int, limit: int) -> dict[tuple[str, str], int]:
     each table (the kernel restarts an iteration under deletes, so a walk is
     bounded by the keys it visits, not by the table's size)."""
     out: collections.Counter = collections.Counter()
+    from ..datapath.table import entry_size
+
     for family, fd, size in ((4, fd4, abi.KEY4.size), (6, fd6, abi.KEY6.size)):
+        value_size = entry_size(fd)
         seen = set()
         for n, key in enumerate(bpfsys.map_keys(fd, size)):
             if n >= limit:
@@ -246,10 +249,10 @@ def walk_states(fd4: int, fd6: int, limit: int) -> dict[tuple[str, str], int]:
             if key in seen or key[_DYING_OFF[family]] & abi.KEY_DYING:
                 continue
             seen.add(key)
-            val = bpfsys.map_lookup(fd, key, abi.ENTRY.size)
+            val = bpfsys.map_lookup(fd, key, value_size)
             if val is None:
                 continue
-            fields = _ENTRY.unpack(val)
+            fields = _ENTRY.unpack_from(val)
             last, status_seq = fields[2], fields[7]
             if last & (abi.LAST_DEAD | abi.LAST_OUTBOX):
                 continue  # ended: in the outbox, or being moved there

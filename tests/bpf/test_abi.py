@@ -32,7 +32,7 @@ _STAT_RENAMED = {"untracked_packets": "UNTRACKED_PKTS", "missed_redelivered": "M
 _CONST_PREFIXES = ("EV_", "DIR_", "S_", "F_", "END_", "TO_", "CFG_", "STAT_MAX",
                    "ABI_VERSION", "LAST_", "SLOT_SHIFT", "WHEEL", "MISSED_", "KEY_DYING",
                    "OUTBOX_TRIES", "ACK_BATCH", "SCHED_MISSED_SHIFT", "SCHED_REASON_SHIFT",
-                   "CONFIG_SLOTS", "LAYOUT_VERSION", "SEL_")
+                   "CONFIG_SLOTS", "LAYOUT_VERSION", "LAYOUT_NEXT", "SEL_", "MERGE_BATCH")
 
 
 def _c_constants() -> dict[str, int]:
@@ -92,7 +92,7 @@ def test_layouts_and_constants_match_the_header():
     text = static_asserts()
     n_fields = sum(len(lay.fields) for lay in abi.LAYOUTS + INDEX_LAYOUTS)
     assert text.count("__builtin_offsetof") == n_fields
-    assert len(abi.LAYOUTS) == 14  # a layout added to abi.py is checked too
+    assert len(abi.LAYOUTS) == 16  # a layout added to abi.py is checked too
     compile_with_header(text)
 
 
@@ -103,7 +103,7 @@ def test_every_c_constant_has_a_python_mirror():
     mirrored = set(_c_constants())
     groups = ("CT_EV_", "CT_S_", "CT_F_", "CT_END_", "CT_TO_", "CT_STAT_", "CT_DIR_",
               "CT_MISSED_", "CT_KEY_", "CT_OUTBOX_", "CT_ACK_", "CT_CFG_", "CT_SEL_",
-              "CT_LAYOUT_", "CT_CONFIG_")
+              "CT_LAYOUT_", "CT_CONFIG_", "CT_MERGE_")
     defined = {m for m in re.findall(r"^#define\s+(CT_[A-Z0-9_]+)\s", header, re.M)
                if m.startswith(groups)}
     assert defined, "no constants found in ct_abi.h"
