@@ -4,7 +4,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-scale bench-pipeline bench-peer clean
+.PHONY: setup demo test bench bench-scale bench-pipeline bench-peer bench-config clean
 
 setup:
 	bash scripts/setup.sh
@@ -35,6 +35,13 @@ bench-pipeline: setup
 bench-peer: setup
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.6,<4'
 	$(PY) bench/peer.py $(BENCH_ARGS)
+
+# Live configuration (about 2.5 min; BENCH_ARGS=--quick about 65 s): the packet
+# path with 0, 100 and 10,000 prefixes beside a8dc806 (a temporary git
+# worktree), apply latency in process and through `ctstream config apply`:
+# bench/README.md "Live configuration".
+bench-config: setup
+	$(PY) bench/config_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info
