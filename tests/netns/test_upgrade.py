@@ -30,7 +30,8 @@ from streamer.datapath.loader import BPF_DIR
 from streamer.datapath.table import PinnedTable
 from tests.netns.test_reliability import Daemon as Daemon_
 from tests.netns.test_reliability import (Generator, Record, bed, check_record,  # noqa: F401
-                                          check_tcp_connections, kernel_flows, report, stats,
+                                          check_tcp_connections, kernel_flows,
+                                          kill_while_destroys_await_their_ack, report, stats,
                                           wait_drained)
 
 pytestmark = pytest.mark.root
@@ -155,22 +156,24 @@ def test_a_program_ctstream_did_not_attach_is_never_replaced(pin_dir, tmp_path):
 
 def test_migration_to_a_changed_layout_under_traffic_loses_nothing(bed, tmp_path):
     """Layout 2 -> 3 (struct ct_entry gains a field, the tables move to
-    other maps) while connections run: a layout-3 daemon refuses the old
-    table and says what to do; `ctstream migrate` moves it, entries and
+    other maps) while connections run: the layout-2 daemon is SIGKILLed
+    while DESTROYs await their ack; a layout-3 daemon refuses the old table
+    and says what to do; `ctstream migrate` moves it, live entries and
     outbox, while the frozen old programs hold the packets; the layout-3
-    daemon adopts it. Every connection: one logical DESTROY, the kernel's
-    counters."""
+    daemon adopts it and delivers the DESTROYs that moved unacked. Every
+    connection: one logical DESTROY, the kernel's counters."""
     from tests.netns.test_cli import CTSTREAM, ctstream
 
     pair = bed.pair
     next_layout = {"CTSTREAM_LAYOUT": str(abi.LAYOUT_NEXT)}
     daemon = bed.start("--keep")
-    gen = Generator(pair, period=0)      # without pause: packets arrive during the freeze
+    # Batches 50 ms apart: packets arrive throughout the freeze (100-200 ms).
+    gen = Generator(pair, batch=100, period=0.05)
     gen.start()
     try:
-        time.sleep(3)
-        rc, _ = daemon.terminate()
-        assert rc == 0, daemon.output()
+        time.sleep(2)
+        # Killed while DESTROYs await their ack: the outbox moves too.
+        kill_while_destroys_await_their_ack(daemon, bed.pin)
         refused = subprocess.run(
             [CTSTREAM, "events", "-n", pair.server.netns, "-i", pair.server.ifname, "--pin-dir",
              bed.pin, "--sink", f"jsonl:{tmp_path / 'never.jsonl'}"], capture_output=True,
@@ -182,12 +185,14 @@ def test_migration_to_a_changed_layout_under_traffic_loses_nothing(bed, tmp_path
                              text=True, timeout=120, env={**os.environ, **next_layout})
         assert mig.returncode == 0, mig.stderr
         assert "layout 2 -> 3" in mig.stdout, mig.stdout
+        outbox_moved = int(mig.stdout.split(" live entries and ")[1].split()[0])
+        assert outbox_moved > 0, mig.stdout
         moved = stats(bed.pin)
         assert moved["entries"] >= before["entries"] > 0, (before, moved)
         daemon = bed.start("--keep", env=next_layout)
         out = daemon.output()
         assert "(adopted the pinned table)" in out, out
-        time.sleep(3)
+        time.sleep(2)
     finally:
         ports = gen.finish()
     st = wait_drained(bed.pin, timeout=60)
@@ -201,7 +206,7 @@ def test_migration_to_a_changed_layout_under_traffic_loses_nothing(bed, tmp_path
     assert "Traceback" not in logs + mig.stderr
 
     rec = Record.read(bed.sink)
-    assert rec.torn == 0
+    assert rec.torn <= 1, f"{rec.torn} unparseable lines after one kill"
     assert len(set(ports)) == len(ports), "the client reused a source port: connections ambiguous"
     figures = check_record(rec)
     check_tcp_connections(rec, pair, 4, ports, kernel)

@@ -256,7 +256,7 @@ KNOWN = {
     "Unit": {"Description", "Documentation", "Wants", "Requires", "After", "Before",
              "RequiresMountsFor", "ConditionPathExists"},
     "Service": {"Type", "NotifyAccess", "TimeoutStartSec", "Environment", "EnvironmentFile",
-                "ExecStartPre", "ExecStart",
+                "ExecStartPre", "ExecStart", "ExecReload",
                 "KillSignal", "TimeoutStopSec", "Restart", "RestartSec",
                 "RestartPreventExitStatus", "RuntimeDirectory", "RuntimeDirectoryMode",
                 "RuntimeDirectoryPreserve", "StateDirectory", "StateDirectoryMode",
@@ -301,6 +301,8 @@ def test_daemon_unit_capabilities_and_sandbox():
     # BCC reads the kernel headers under /lib/modules: that protection must stay off.
     assert "ProtectKernelModules" not in svc
     assert one["ExecStart"].split()[1:] == ["run", "--config", "/etc/ctstream/ctstream.toml"]
+    # systemctl reload: SIGHUP, which re-reads --config
+    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     # READY=1 comes from the daemon itself once attached (streamer/observe/sd_notify.py).
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     # The pin dir is the config file's alone (the daemon makes it 0700), and
