@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import settings
-from ..datapath.selection import PrefixSet
+from ..datapath.selection import parse_prefix
 from ..errors import ConfigError
 from ..settings import BY_NAME, COMMANDS, DAEMON_CMDS, INTERFACE_KEYS, INTERFACES_TABLE, \
     KAFKA_CMDS, LIST_KINDS
@@ -266,20 +266,20 @@ class _Check:
             return
         track = track if isinstance(track, list) else [track]
         ignore_list = ignore if isinstance(ignore, list) else [ignore]
-        good_track = [t for t in track if _is_prefix(t)]
+        tracked = {parse_prefix(t) for t in track if _is_prefix(t)}   # once: files hold thousands
         line = at.get("ignore-prefixes") or 1
         key = self._raw_key(where, "ignore-prefixes")
         for item, eline in zip(ignore_list, self._element_lines(line, key, len(ignore_list))
                                if isinstance(ignore, list) else [line]):
             if not _is_prefix(item):
                 continue
-            try:
-                PrefixSet.parse(good_track, [item])
-            except ValueError as exc:
+            net = parse_prefix(item)
+            if net in tracked:
+                why = f"{net} is in both track-prefixes and ignore-prefixes"
                 if top:
-                    self._add(eline, f"ignore-prefixes: {exc}", "ignore-prefixes")
+                    self._add(eline, f"ignore-prefixes: {why}", "ignore-prefixes")
                 else:
-                    self._add(eline, f"{where}: {exc}", INTERFACES_TABLE)
+                    self._add(eline, f"{where}: {why}", INTERFACES_TABLE)
 
     def _raw_key(self, where: str, canon: str) -> str:
         """The key as the file spells it (ignore_prefixes or ignore-prefixes)."""
