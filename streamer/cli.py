@@ -463,9 +463,22 @@ def _status(a: argparse.Namespace) -> int:
 
 
 def _remove_stale_state(pin_dir: str) -> None:
-    """The status file of a daemon that is gone (SIGKILLed daemons leave it)."""
+    """The status file and the control socket of a daemon that is gone
+    (SIGKILLed daemons leave them)."""
+    import socket
+
+    from .control.server import control_path
     from .daemon import status_path
 
+    ctl = control_path(pin_dir)
+    if ctl.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(ctl))
+            except ConnectionRefusedError:
+                ctl.unlink(missing_ok=True)     # nobody listens: a dead daemon's
+            except OSError:
+                pass
     path = status_path(pin_dir)
     try:
         pid = json.loads(path.read_text()).get("pid", 0)

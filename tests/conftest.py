@@ -28,6 +28,9 @@ def pin_dir():
     path = f"/sys/fs/bpf/ctstest_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    # the control socket a SIGKILLed daemon of this pin dir left behind
+    from streamer.control.server import control_path
+    control_path(path).unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -197,12 +197,13 @@ def test_detach_after_sigkill(pair, pin, start_events):
     ev.proc.wait(timeout=10)
     # a killed process leaves everything in place ...
     assert os.path.isdir(pin) and xdp_attached(pair.server) and clsact_present(pair.server)
-    assert state_file(pin, ".json").exists()
-    # ... until `ctstream detach` removes it
+    assert state_file(pin, ".json").exists() and state_file(pin, ".ctl").exists()
+    # ... until `ctstream detach` removes it (the control socket nobody listens at too)
     res = ctstream("detach", "--pin-dir", pin)
     assert res.returncode == 0, res.stderr
     assert "detached 2 program(s)" in res.stderr
     assert_nothing_left(pair.server, pin)
+    assert not state_file(pin, ".ctl").exists()
 
 
 # --- bad input -----------------------------------------------------------------------
