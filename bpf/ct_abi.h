@@ -104,6 +104,18 @@
 #define CT_STAT_HELD            23 /* packets held while a migration froze this layout */
 #define CT_STAT__MAX            24
 
+/* SYN-cookie counters: a map of their own (ct_syn_stats), so that ct_stats,
+ * pinned with CT_STAT__MAX places, keeps its size and its layout. */
+#define CT_SYN_SENT        0 /* SYN-ACKs with a cookie sent from XDP */
+#define CT_SYN_TO_KERNEL   1 /* SYNs passed so the kernel cookies one itself
+				(it keeps the listener's syncookie window open) */
+#define CT_SYN_ACK_VALID   2 /* ACKs with a valid cookie: entry created */
+#define CT_SYN_ACK_INVALID 3 /* bare ACKs to a listener, no entry, bad cookie: dropped */
+#define CT_SYN_NO_LISTENER 4 /* SYNs to no listener while cookies were on: passed, untracked */
+#define CT_SYN_AUTO        5 /* SYNs that auto mode answered with a cookie */
+#define CT_SYN_ERRORS      6 /* a SYN-ACK could not be built (frame too short ...) */
+#define CT_SYN__MAX        8
+
 /* Flags in the top bits of ct_entry.last_ns (CLOCK_MONOTONIC nanoseconds
  * never reach bit 61). An entry's end is claimed by the compare-and-swap of
  * the live last_ns it examined to last_ns | CT_LAST_DEAD, so a packet that
@@ -221,7 +233,11 @@ struct ct_config {
 	__u32 early_low;           /* early drop stops at this many live entries */
 	__u32 ipv6_limit;          /* IPv6 live + outbox entries at most (the map's
 				    * slack above it is kept for outbox copies) */
-	__u64 _reserved;
+	__u32 syn_rate;            /* SYN cookies, auto: SYNs per second to one port
+				    * that turn cookies on for it (0: rate never does) */
+	__u8  syn_high_pct;        /* ... or table fill, percent (0: fill never does) */
+	__u8  syn_wscale;          /* window scale our SYN-ACK offers (the kernel's) */
+	__u16 _pad_cfg;
 };
 
 #define CT_CFG_DROP_UNTRACKED 0x1  /* drop, rather than pass, when the table is full */
@@ -237,6 +253,12 @@ struct ct_config {
  * own, so look under the packet's ifindex first. */
 #define CT_CFG_SELECT         0x10
 #define CT_CFG_SELECT_IFACE   0x20
+/* SYN cookies (bpf/syn_cookie.h; XDP only). _ON: every SYN to a local
+ * listener is answered from XDP; _AUTO: only while the SYNs to its port
+ * exceed syn_rate per second or the table is above syn_high_pct. With
+ * either, a bare ACK of no entry to a listener is checked as a cookie. */
+#define CT_CFG_SYNCOOKIE      0x40
+#define CT_CFG_SYNCOOKIE_AUTO 0x80
 
 /* Configuration generations. ct_config holds two slots and ct_sel4/6 two
  * sets (the slot is part of their key); ct_meta.generation says which is in

@@ -10,6 +10,7 @@
 
 #define CT_VERDICT_PASS 0
 #define CT_VERDICT_DROP 1
+#define CT_VERDICT_TX   2 /* XDP only: the frame was rewritten into our answer */
 
 #define CT_ST_STATE(s) ((s) & 0xff)
 #define CT_ST_FLAGS(s) (((s) >> 8) & 0xff)
@@ -212,14 +213,26 @@ static __always_inline void ct_unreserve(struct ct_global *g, u32 fam)
 /* ended: the ended connection that waits under key for its ack, if any.
  * first: when the connection began, if before now (a migration's merge;
  * the packet path passes 0). */
+/* What a SYN-cookie handshake adds to the entry its valid ACK creates: the
+ * SYN and our SYN-ACK, which no entry saw (bpf/syn_cookie.h). */
+struct ct_handshake {
+	u64 first_ns;      /* the SYN's time, as near as the cookie tells it */
+	u32 syn_bytes;
+	u32 synack_bytes;
+};
+
 static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 				     struct ct_config *cfg, u64 now, struct ct_entry *ended,
-				     u64 first)
+				     u64 first, const struct ct_handshake *hs)
 {
 	u8 proto = ct_key_proto(fam, key);
 	u8 state, flags;
-	if (!ct_new_state(proto, p, &state, &flags))
+	if (hs) {
+		state = CT_S_ESTABLISHED;
+		flags = CT_F_ASSURED | CT_F_SEEN_REPLY;
+	} else if (!ct_new_state(proto, p, &state, &flags)) {
 		return CT_CREATE_NO;
+	}
 	struct ct_global *g = ct_glob();
 	if (!g)
 		return CT_CREATE_FULL;
@@ -244,6 +257,14 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	ne.pkts[CT_DIR_ORIG] = 1;
 	ne.bytes[CT_DIR_ORIG] = p->l3_len;
 	u32 status = CT_ST_MAKE(state, flags, p->tcp_flags, 0);
+	if (hs) {
+		ne.first_ns = hs->first_ns;
+		ne.pkts[CT_DIR_ORIG] = 2;
+		ne.bytes[CT_DIR_ORIG] += hs->syn_bytes;
+		ne.pkts[CT_DIR_REPLY] = 1;
+		ne.bytes[CT_DIR_REPLY] = hs->synack_bytes;
+		status = CT_ST_MAKE(state, flags, p->tcp_flags | CT_TCP_SYN, CT_TCP_SYN | CT_TCP_ACK);
+	}
 	u32 due = ct_due_slot(now, ct_timeout(cfg, proto, state), now);
 	ne.status_seq = status;
 	ne.sched = due | ((u64)(ct_slot(now) & CT_SCHED_REPORT_MASK) << 32);
@@ -271,7 +292,15 @@ static __always_inline int ct_untracked(struct ct_pkt *p, struct ct_config *cfg,
 	return CT_VERDICT_PASS;
 }
 
-static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now)
+#define CT_SC_GO_ON (-1)
+/* bpf/syn_cookie.h: a TCP packet of no entry, seen by XDP with SYN cookies
+ * on: a verdict, or CT_SC_GO_ON for the usual path. */
+static __always_inline int ct_syncookie(struct xdp_md *xdp, u32 fam, struct ct_pkt *p,
+					struct ct_config *cfg, u64 now, struct ct_entry *ended);
+
+/* xdp: the XDP context (SYN cookies can answer from there), 0 on tc. */
+static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config *cfg, u64 now,
+				    struct xdp_md *xdp)
 {
 	union ct_key *key = (union ct_key *)p;
 	union ct_key rkey = {};
@@ -300,8 +329,13 @@ static __always_inline int ct_track(u32 fam, struct ct_pkt *p, struct ct_config 
 		/* CT_REFRESH_RESTART: only ever in the original direction, and
 		 * the old connection now waits under key. */
 		ended = e;
+	} else if (xdp && (cfg->flags & (CT_CFG_SYNCOOKIE | CT_CFG_SYNCOOKIE_AUTO)) &&
+		   ct_key_proto(fam, key) == IPPROTO_TCP) {
+		int v = ct_syncookie(xdp, fam, p, cfg, now, ended);
+		if (v != CT_SC_GO_ON)
+			return v;
 	}
-	int c = ct_create(fam, key, p, cfg, now, ended, 0);
+	int c = ct_create(fam, key, p, cfg, now, ended, 0, 0);
 	if (c == CT_CREATE_OK)
 		return CT_VERDICT_PASS;
 	if (c == CT_CREATE_RACE) {
@@ -421,7 +455,8 @@ static __always_inline int ct_hold_packet(u32 fam, struct ct_pkt *p, struct ct_c
 
 /* The datapath entry shared by XDP and tc; ifindex is the interface the
  * packet is seen on (for per-interface selection sets). */
-static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, u32 ifindex)
+static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, u32 ifindex,
+				     struct xdp_md *xdp)
 {
 	struct ct_pkt p = {};
 	ct_stat_inc(CT_STAT_PACKETS);
@@ -454,11 +489,11 @@ static __always_inline int ct_handle(void *data, void *data_end, u32 frame_len, 
 	if (p.family == 4) {
 		if (sel && ct_is_ignored(4, &p, slot, (sel & CT_CFG_SELECT_IFACE) ? ifindex : 0))
 			return ct_ignore(4, &p, cfg, now);
-		return ct_track(4, &p, cfg, now);
+		return ct_track(4, &p, cfg, now, xdp);
 	}
 	if (sel && ct_is_ignored(6, &p, slot, (sel & CT_CFG_SELECT_IFACE) ? ifindex : 0))
 		return ct_ignore(6, &p, cfg, now);
-	return ct_track(6, &p, cfg, now);
+	return ct_track(6, &p, cfg, now, xdp);
 }
 
 /* The tc entries' part (ingress and egress). A packet built by this host,
@@ -473,7 +508,7 @@ static __always_inline int ct_handle_skb(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, skb->len < CT_TC_HDR_PULL ? skb->len : CT_TC_HDR_PULL);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	int v = ct_handle(data, data_end, skb->len, skb->ifindex);
+	int v = ct_handle(data, data_end, skb->len, skb->ifindex, 0);
 	return v == CT_VERDICT_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
 

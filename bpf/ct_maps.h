@@ -78,6 +78,7 @@ BPF_TABLE_PINNED("lpm_trie", struct ct_sel_key4, struct ct_sel, ct_sel4, CT_SEL_
 BPF_TABLE_PINNED("lpm_trie", struct ct_sel_key6, struct ct_sel, ct_sel6, CT_SEL_MAX, CT_PIN("ct_sel6"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", u32, struct ct_global, ct_global, 1, CT_PIN("ct_global"));
 BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT__MAX, CT_PIN("ct_stats"));
+BPF_TABLE_PINNED("percpu_array", u32, u64, ct_syn_stats, CT_SYN__MAX, CT_PIN("ct_syn_stats"));
 
 /* Never written: the zeroed value a new index chunk starts from (too large
  * for the BPF stack next to everything else). */
@@ -121,6 +122,13 @@ static __always_inline void ct_stat_add(u32 idx, u64 n)
 static __always_inline void ct_stat_inc(u32 idx)
 {
 	ct_stat_add(idx, 1);
+}
+
+static __always_inline void ct_syn_stat_inc(u32 idx)
+{
+	u64 *v = ct_syn_stats.lookup(&idx);
+	if (v)
+		*v += 1;
 }
 
 /* The configuration in force, and its slot. Called once per program run:

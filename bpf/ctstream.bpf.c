@@ -20,6 +20,7 @@
 #include "ct_parse.h"
 #include "ct_table.h"
 #include "ct_logic.h"
+#include "syn_cookie.h"
 
 #include "xdp_ingress.c"
 #include "tc_egress.c"

@@ -105,7 +105,7 @@ static __always_inline int ct_merge_one(u32 fam, void *key, struct ct_config *cf
 		p.l3_len = o->bytes;
 		u8 tf = o->tcp_flags;
 		p.tcp_flags = (tf & CT_TCP_SYN) ? CT_TCP_SYN : tf;
-		if (ct_create(fam, okey, &p, cfg, now, 0, o->first_ns) != CT_CREATE_OK) {
+		if (ct_create(fam, okey, &p, cfg, now, 0, o->first_ns, 0) != CT_CREATE_OK) {
 			rc = 2;
 			goto out;
 		}

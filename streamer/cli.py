@@ -561,6 +561,11 @@ def _detach(a: argparse.Namespace) -> int:
     save_attachments(a.pin_dir, [])
     remove_pins(a.pin_dir)
     _remove_stale_state(a.pin_dir)
+    from .datapath import syncookies
+    back = syncookies.restore(a.pin_dir)
+    if back:
+        print("ctstream: syn-cookies: restored " + ", ".join(
+            f"{n.replace('/', '.')}={v}" for n, v in back.items()), file=sys.stderr)
     for p in problems:
         print(f"ctstream: could not detach {p}", file=sys.stderr)
     print(f"ctstream: detached {len(atts) - len(problems)} program(s), removed {a.pin_dir}", file=sys.stderr)

@@ -50,6 +50,7 @@ from .datapath.outbox import Outbox
 from .datapath.ringbuf import RingReader, RingSpace
 from .delivery.sink import CallbackSink, Sink
 from .datapath.sweeper import Sweeper
+from .datapath import syncookies
 from .datapath.table import read_counters
 from .control.server import ControlServer
 from .observe import sd_notify
@@ -111,6 +112,7 @@ class Session:
     _crashed: bool = False        # left by an exception, not by stop()
     _attached: bool = False
     status_errors: int = 0        # status file writes that failed
+    syn_cookie_seconds: float = 0.0   # time with SYN cookies being sent (snapshot())
     _status_error: str | None = None
 
     def fail(self, exc: BaseException) -> None:
@@ -151,6 +153,7 @@ class Session:
         ifindexes = await asyncio.to_thread(self._check_target)
         check_selection_interfaces(self.cfg, self.target)
         self._stack.enter_context(acquire_lock(self.cfg.pin_dir))
+        self.cfg = await asyncio.to_thread(prepare_syn_cookies, self.cfg, self.target)
         self.dp = Datapath(self.cfg)
         self.dp.ifindexes = ifindexes
         self._stack.callback(self._unpin)
@@ -352,6 +355,8 @@ class Session:
                 self.write_status()
                 if self.observers:
                     self._observe(self.snapshot())
+                elif self.cfg.syn_cookies != "off":   # the time in cookie mode counts on
+                    self._syn_state(self.counters())
                 await asyncio.sleep(STATUS_INTERVAL)
         except asyncio.CancelledError:
             raise
@@ -370,9 +375,25 @@ class Session:
 
     def snapshot(self) -> dict:
         """status() with the datapath counters and the table's bounds."""
-        return {**self.status(), "counters": self.counters(), "table_limit": self.cfg.table_limit,
+        counters = self.counters()
+        return {**self.status(), "counters": counters, "syn_cookies": self._syn_state(counters),
+                "table_limit": self.cfg.table_limit,
                 "table_high": self.cfg.early_high_entries(),
                 "table_low": self.cfg.early_low_entries(), "monotonic": time.monotonic()}
+
+    def _syn_state(self, counters: dict) -> dict:
+        """SYN-cookie mode: the setting, whether cookies are being sent
+        (on: always; auto: some were since the last snapshot) and the
+        seconds spent so (one snapshot interval at a time)."""
+        now = time.monotonic()
+        sent = counters.get("syn_cookies_sent", 0) + counters.get("syn_cookie_kernel_syns", 0)
+        prev, at = getattr(self, "_syn_prev", (sent, now))
+        mode = self.cfg.syn_cookies
+        active = mode == "on" or (mode == "auto" and sent > prev)
+        if active:
+            self.syn_cookie_seconds += now - at
+        self._syn_prev = (sent, now)
+        return {"mode": mode, "active": active, "seconds": self.syn_cookie_seconds}
 
     def _observe(self, snap: dict) -> None:
         for fn in self.observers:
@@ -427,6 +448,7 @@ class Session:
         problems = self.dp.detach_all()
         for p in problems:
             log.error("detach: %s", p)
+        _restore_sysctls(self.cfg.pin_dir)
 
     async def _final_drain(self) -> None:
         try:
@@ -462,6 +484,7 @@ class Session:
                               + ", ".join(blocked))
         if getattr(self, "target", None) is not None:
             check_selection_interfaces(new, self.target)
+            new = prepare_syn_cookies(new, self.target)
         changed = [_change(f.name, getattr(self.cfg, f.name), getattr(new, f.name))
                    for f in fields(DatapathConfig) if getattr(self.cfg, f.name) != getattr(new, f.name)]
         old = self.cfg
@@ -473,6 +496,8 @@ class Session:
                 self.dp.cfg = old       # the generation in force is still the old one
                 raise
             self.cfg = new
+            if new.syn_cookies == "off" and old.syn_cookies != "off":
+                _restore_sysctls(new.pin_dir)
             self.sweeper.set_watermarks(new.early_high_entries(), new.early_low_entries(),
                                         new.timeouts.longest())
         if lost_interval is not None and lost_interval != self.lost_interval:
@@ -482,7 +507,8 @@ class Session:
 
     # ---- state -----------------------------------------------------------------
     def counters(self) -> dict:
-        return read_counters(self.dp.fd("ct_stats"), self.dp.fd("ct_global"))
+        return read_counters(self.dp.fd("ct_stats"), self.dp.fd("ct_global"),
+                             self.dp.fd("ct_syn_stats"))
 
     def entries(self) -> int:
         return self.dp.global_state()["entries"]
@@ -520,6 +546,32 @@ def _selection_summary(sel) -> str:
         if s:
             out += f"; {name}: {one(s)}"
     return out
+
+
+def prepare_syn_cookies(cfg: DatapathConfig, target: Target) -> DatapathConfig:
+    """With syn-cookies on or auto: refuse a setup cookies cannot work in,
+    set the kernel's sysctls (streamer/datapath/syncookies.py) and give the
+    programs the window scale the kernel will use. Returns the config to load."""
+    if cfg.syn_cookies == "off":
+        return cfg
+    if target.ingress != "xdp":
+        raise ConfigError("syn-cookies needs the xdp ingress hook (cookies are answered with "
+                          "XDP_TX), not --ingress-hook tc", setting="syn-cookies")
+    syncookies.check(target.netns)
+    cfg = replace(cfg, syn_wscale=syncookies.window_scale(target.netns))
+    changed = syncookies.enable(cfg.pin_dir, target.netns)
+    if changed:
+        log.info("syn-cookies %s: set %s (restored when cookies go off or the programs are "
+                 "detached)", cfg.syn_cookies,
+                 ", ".join(f"{n.replace('/', '.')}={v}" for n, v in changed.items()))
+    return cfg
+
+
+def _restore_sysctls(pin_dir: str) -> None:
+    back = syncookies.restore(pin_dir)
+    if back:
+        log.info("syn-cookies off: restored %s",
+                 ", ".join(f"{n.replace('/', '.')}={v}" for n, v in back.items()))
 
 
 def check_selection_interfaces(cfg: DatapathConfig, target: Target) -> None:

@@ -29,8 +29,8 @@ import socket
 import tomllib
 from dataclasses import dataclass
 
-from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, RUN_EVENT_MASK, XDP_MODES,
-                              DatapathConfig, Timeouts)
+from .datapath.config import (DEFAULT_PIN_DIR, EVENT_MASK_NAMES, RUN_EVENT_MASK,
+                              SYN_COOKIE_MODES, XDP_MODES, DatapathConfig, Timeouts)
 from .datapath.conntrack_text import parse_output
 from .datapath.selection import PrefixSet, Selection, parse_prefix
 from .errors import ConfigError
@@ -117,6 +117,18 @@ def fractions(text) -> tuple[float, float]:
     return (hi / 100, lo / 100) if pct else (hi, lo)
 
 
+def fraction(text) -> float:
+    """0.9, "0.9" or "90%" -> 0.9."""
+    if isinstance(text, bool):
+        raise ValueError(f"expected a fraction like 0.9 or 90%, got {text!r}")
+    t = str(text).strip()
+    try:
+        v = float(t.rstrip("%"))
+    except ValueError as exc:
+        raise ValueError(f"expected a fraction like 0.9 or 90%, got {text!r}") from exc
+    return v / 100 if t.endswith("%") else v
+
+
 def integer(text) -> int:
     if isinstance(text, bool) or isinstance(text, float):
         raise ValueError(f"expected an integer, got {text!r}")
@@ -158,6 +170,7 @@ KINDS = {
     "ints": (connection_id, connection_id),
     "choice": (str, string),
     "fractions": (fractions, fractions),
+    "fraction": (fraction, fraction),
     "prefixes": (prefix, prefix),
 }
 
@@ -263,6 +276,16 @@ SETTINGS: tuple[Setting, ...] = (
     _s("ignore-prefixes", "prefixes", [], "pass flows with an address in these CIDRs "
        "untouched, untracked and without events (counted as ignored_packets)", DAEMON_CMDS,
        metavar="CIDR", group="datapath"),
+    _s("syn-cookies", "choice", _D.syn_cookies, "answer SYNs to local listeners from XDP "
+       "with SYN cookies, so a SYN flood creates no entry: off, on, or auto (on for a port "
+       "while its SYNs exceed --syn-cookie-rate per second, or while the table is above "
+       "--syn-cookie-high); needs the xdp ingress hook", DAEMON_CMDS,
+       choices=SYN_COOKIE_MODES, group="datapath"),
+    _s("syn-cookie-rate", "int", _D.syn_cookie_rate, "auto: SYNs per second to one port "
+       "that turn cookies on for it, 0 = never", DAEMON_CMDS, metavar="N", group="datapath"),
+    _s("syn-cookie-high", "fraction", _D.syn_cookie_high, "auto: table fill (live and awaiting "
+       "ack) that turns cookies on for every port, 0 = never", DAEMON_CMDS, metavar="F",
+       group="datapath"),
     _s("xdp-mode", "choice", _D.xdp_mode, "auto tries native, then generic", DAEMON_CMDS,
        choices=XDP_MODES, group="datapath"),
     _s("drop-untracked", "bool", False, "drop new connections when the table is full",
@@ -632,7 +655,8 @@ def datapath_config(v: dict) -> DatapathConfig:
         timeouts=Timeouts(syn=v["timeout_syn"], established=v["timeout_established"],
                           fin=v["timeout_fin"], udp=v["timeout_udp"], icmp=v["timeout_icmp"],
                           other=v["timeout_other"]),
-        selection=selection(v),
+        selection=selection(v), syn_cookies=v["syn_cookies"],
+        syn_cookie_rate=v["syn_cookie_rate"], syn_cookie_high=v["syn_cookie_high"],
     ).validate()
 
 

@@ -91,6 +91,10 @@ def read_in_force(pin_dir: str) -> dict:
         "event_mask": [n for n in EVENT_MASK_NAMES if not c["flags"] & _QUIET.get(n, 0)],
         "grace": c["grace_ns"] / 1e9,
         "drop_untracked": bool(c["flags"] & abi.CFG_DROP_UNTRACKED),
+        "syn_cookies": {"mode": "on" if c["flags"] & abi.CFG_SYNCOOKIE else
+                        "auto" if c["flags"] & abi.CFG_SYNCOOKIE_AUTO else "off",
+                        "rate": c["syn_rate"], "high": c["syn_high_pct"] / 100,
+                        "wscale": c["syn_wscale"]},
         "table_limit": c["table_limit"], "ipv6_limit": c["ipv6_limit"],
         "early_drop_low_entries": c["early_low"],
         "selection": {"active": bool(c["flags"] & abi.CFG_SELECT),
@@ -123,6 +127,9 @@ def _show(pin_dir: str, output: str) -> int:
     print(f"event-mask      {','.join(d['event_mask'])}")
     print(f"grace           {d['grace']:g}s")
     print(f"drop-untracked  {'yes' if d['drop_untracked'] else 'no'}")
+    sc = d["syn_cookies"]
+    print(f"syn-cookies     {sc['mode']}" + (f" (auto: {sc['rate']} SYNs/s a port, table "
+                                             f"{sc['high']:.0%})" if sc["mode"] == "auto" else ""))
     print(f"table           {d['table_limit']} entries, ipv6 {d['ipv6_limit']}, early drop "
           f"stops at {d['early_drop_low_entries']}")
     sel = d["selection"]

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 LIVE_SETTINGS = frozenset(
     [s.name for s in settings.SETTINGS if s.name.startswith("timeout-")] +
     ["report-interval", "event-mask", "grace", "early-drop", "drop-untracked",
-     "track-prefixes", "ignore-prefixes", "lost-interval"])
+     "track-prefixes", "ignore-prefixes", "lost-interval", "syn-cookies", "syn-cookie-rate",
+     "syn-cookie-high"])
 _LIVE_KEYS = frozenset([settings.BY_NAME[n].key for n in LIVE_SETTINGS] + ["interfaces"])
 MAX_REQUEST = 1 << 16
 

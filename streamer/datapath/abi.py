@@ -50,6 +50,7 @@ TO_MAX = 8
 CFG_DROP_UNTRACKED = 0x1
 CFG_QUIET_CREATE, CFG_QUIET_ASSURED, CFG_QUIET_STATE = 0x2, 0x4, 0x8
 CFG_SELECT, CFG_SELECT_IFACE = 0x10, 0x20
+CFG_SYNCOOKIE, CFG_SYNCOOKIE_AUTO = 0x40, 0x80
 CONFIG_SLOTS = 2          # ct_config slots; the one in force: ct_meta.generation & 1
 LAYOUT_VERSION = 2        # of the pinned maps (layout 1: no ct_meta, one ct_config slot)
 LAYOUT_NEXT = 3           # the next layout, built with -DCT_LAYOUT=3 (bpf/ct_abi.h)
@@ -73,6 +74,12 @@ STAT_NAMES = (
     "ignored_packets", "ignored_bytes", "held",
 )
 STAT_MAX = 24
+# The SYN-cookie counters (ct_syn_stats, CT_SYN_* in ct_abi.h).
+SYN_STAT_NAMES = (
+    "syn_cookies_sent", "syn_cookie_kernel_syns", "syn_cookie_acks_valid",
+    "syn_cookie_acks_invalid", "syn_cookie_no_listener", "syn_cookie_auto", "syn_cookie_errors",
+)
+SYN_STAT_MAX = 8
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 
@@ -198,7 +205,7 @@ EVENT = event_layout()
 CONFIG = Layout("ct_config", (
     ("timeout_ns", f"{TO_MAX}Q"), ("report_interval_ns", "Q"), ("table_limit", "I"),
     ("flags", "I"), ("grace_ns", "Q"), ("early_low", "I"), ("ipv6_limit", "I"),
-    ("_reserved", "Q"),
+    ("syn_rate", "I"), ("syn_high_pct", "B"), ("syn_wscale", "B"), ("_pad_cfg", "H"),
 ))
 GLOBAL = Layout("ct_global", (
     ("next_ct_id", "Q"), ("entries", "Q"), ("cursor", "2I"), ("dying", "Q"), ("early", "2Q"),
@@ -381,18 +388,21 @@ decode_event = event_decoder(EVENT_FIELDS, RawEvent)
 
 def pack_config(timeouts_ns: list[int], report_interval_ns: int, table_limit: int,
                 flags: int, grace_ns: int = 15_000_000_000, early_low: int = 0,
-                ipv6_limit: int | None = None) -> bytes:
+                ipv6_limit: int | None = None, syn_rate: int = 0, syn_high_pct: int = 0,
+                syn_wscale: int = 0) -> bytes:
     to = list(timeouts_ns) + [0] * (TO_MAX - len(timeouts_ns))
     v6 = table_limit if ipv6_limit is None else ipv6_limit
     return struct.pack(CONFIG.fmt, *to, report_interval_ns, table_limit, flags, grace_ns,
-                       early_low, v6, 0)
+                       early_low, v6, syn_rate, syn_high_pct, syn_wscale, 0)
 
 
 def unpack_config(buf: bytes) -> dict:
     v = struct.unpack(CONFIG.fmt, buf[:CONFIG.size])
     return {"timeout_ns": list(v[:TO_MAX]), "report_interval_ns": v[TO_MAX],
             "table_limit": v[TO_MAX + 1], "flags": v[TO_MAX + 2], "grace_ns": v[TO_MAX + 3],
-            "early_low": v[TO_MAX + 4], "ipv6_limit": v[TO_MAX + 5]}
+            "early_low": v[TO_MAX + 4], "ipv6_limit": v[TO_MAX + 5],
+            "syn_rate": v[TO_MAX + 6], "syn_high_pct": v[TO_MAX + 7],
+            "syn_wscale": v[TO_MAX + 8]}
 
 
 def pack_meta(generation: int, layout: int = LAYOUT_VERSION, frozen: int = 0) -> bytes:

@@ -70,6 +70,10 @@ _QUIET_FLAGS = {"new": abi.CFG_QUIET_CREATE, "assured": abi.CFG_QUIET_ASSURED,
                 "state": abi.CFG_QUIET_STATE}
 
 
+SYN_COOKIE_MODES = ("off", "on", "auto")
+_SYN_COOKIE_FLAGS = {"off": 0, "on": abi.CFG_SYNCOOKIE, "auto": abi.CFG_SYNCOOKIE_AUTO}
+
+
 @dataclass
 class DatapathConfig:
     pin_dir: str = DEFAULT_PIN_DIR
@@ -89,6 +93,15 @@ class DatapathConfig:
     event_mask: tuple[str, ...] = EVENT_MASK_NAMES
     # Which flows are tracked (track-prefixes, ignore-prefixes); empty: all.
     selection: Selection = NO_SELECTION
+    # SYN cookies from XDP (bpf/syn_cookie.h): off, on, or auto (on for a
+    # port while its SYNs of no entry exceed syn_cookie_rate per second, or
+    # while the table is above syn_cookie_high of its size).
+    syn_cookies: str = "off"
+    syn_cookie_rate: int = 2000
+    syn_cookie_high: float = 0.90
+    # The window scale our SYN-ACKs offer: the one the kernel will use for
+    # the connection (streamer/datapath/syncookies.py reads it off sysctls).
+    syn_wscale: int = 7
 
     def ipv6_capacity(self) -> int:
         """The IPv6 map's capacity. Each place costs a 16-byte hash bucket
@@ -143,6 +156,15 @@ class DatapathConfig:
             raise ConfigError("event mask: destroy cannot be left out (every DESTROY is "
                               "delivered: the outbox keeps it until it is acked)",
                               setting="event-mask")
+        if self.syn_cookies not in SYN_COOKIE_MODES:
+            raise ConfigError(f"syn-cookies must be one of {', '.join(SYN_COOKIE_MODES)}, got "
+                              f"{self.syn_cookies!r}", setting="syn-cookies")
+        _int_in("SYN cookie rate", self.syn_cookie_rate, 0, 1 << 30, "syn-cookie-rate")
+        if not _finite(self.syn_cookie_high) or not 0 <= self.syn_cookie_high <= 1:
+            raise ConfigError(f"syn-cookie-high must be a fraction in [0, 1] (0: the table's "
+                              f"fill never turns cookies on), got {self.syn_cookie_high!r}",
+                              setting="syn-cookie-high")
+        _int_in("SYN-ACK window scale", self.syn_wscale, 0, 14)
         if self.xdp_mode not in XDP_MODES:
             raise ConfigError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {self.xdp_mode!r}",
                               setting="xdp-mode")
@@ -157,10 +179,14 @@ class DatapathConfig:
             flags |= abi.CFG_SELECT
             if self.selection.per_interface():
                 flags |= abi.CFG_SELECT_IFACE
+        flags |= _SYN_COOKIE_FLAGS[self.syn_cookies]
         return abi.pack_config(self.timeouts.as_ns(), _ns(self.report_interval),
                                self.table_limit, flags, grace_ns=_ns(self.grace),
                                early_low=self.early_low_entries(),
-                               ipv6_limit=self.ipv6_capacity())
+                               ipv6_limit=self.ipv6_capacity(),
+                               syn_rate=self.syn_cookie_rate,
+                               syn_high_pct=int(round(self.syn_cookie_high * 100)),
+                               syn_wscale=self.syn_wscale)
 
 
 def _finite(v) -> bool:

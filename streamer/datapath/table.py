@@ -105,7 +105,13 @@ class PinnedTable:
                     yield e, value
 
     def stats(self) -> dict:
-        return read_counters(self.fd("ct_stats"), self.fd("ct_global"))
+        """The counters; the SYN-cookie ones too where the programs pinned
+        them (a datapath from before them has none)."""
+        try:
+            syn = self.fd("ct_syn_stats")
+        except NotAttachedError:
+            syn = None
+        return read_counters(self.fd("ct_stats"), self.fd("ct_global"), syn)
 
 
 def entry_size(fd: int) -> int:
@@ -117,13 +123,18 @@ def entry_size(fd: int) -> int:
     return size
 
 
-def read_counters(stats_fd: int, global_fd: int) -> dict:
+def read_counters(stats_fd: int, global_fd: int, syn_fd: int | None = None) -> dict:
     """The per-CPU counters summed, plus the table's fill: entries (live and
-    outbox together, what the limit counts) and the outbox alone."""
+    outbox together, what the limit counts) and the outbox alone; with
+    syn_fd, the SYN-cookie counters too (abi.SYN_STAT_NAMES)."""
     totals = {}
     for idx, name in enumerate(abi.STAT_NAMES):
         per_cpu = bpfsys.percpu_lookup(stats_fd, idx.to_bytes(4, "little"), 8)
         totals[name] = sum(int.from_bytes(v, "little") for v in per_cpu)
+    if syn_fd is not None:
+        for idx, name in enumerate(abi.SYN_STAT_NAMES):
+            per_cpu = bpfsys.percpu_lookup(syn_fd, idx.to_bytes(4, "little"), 8)
+            totals[name] = sum(int.from_bytes(v, "little") for v in per_cpu)
     glob = abi.unpack_global(bpfsys.map_lookup(global_fd, b"\0" * 4, abi.GLOBAL.size))
     totals["entries"] = glob["entries"]
     totals["outbox"] = glob["dying"]

@@ -43,6 +43,13 @@ ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 # Datapath counters (abi.STAT_NAMES) exported as ctstream_datapath_<name>_total.
 _HELP = {
+    "syn_cookies_sent": "SYN-ACKs with a SYN cookie sent from XDP",
+    "syn_cookie_kernel_syns": "SYNs passed for the kernel to cookie (one per listener and 30 s)",
+    "syn_cookie_acks_valid": "ACKs with a valid cookie (each created its entry)",
+    "syn_cookie_acks_invalid": "bare ACKs to a listener with no entry and a bad cookie, dropped",
+    "syn_cookie_no_listener": "SYNs to no local listener while cookies were on, passed untracked",
+    "syn_cookie_auto": "SYNs auto mode answered with a cookie",
+    "syn_cookie_errors": "SYN-ACKs that could not be built",
     "ring_full": "events the full ring refused (kept in the entry's missed mask)",
     "table_full": "new connections refused by the full table",
     "untracked_packets": "packets of connections the full table could not track",
@@ -169,6 +176,14 @@ class SessionCollector:
                                       f"datapath counter {name}" + (f": {_HELP[name]}" if name in _HELP else ""),
                                       value=counters[name])
 
+        for name in abi.SYN_STAT_NAMES:
+            yield CounterMetricFamily(f"ctstream_datapath_{name}",
+                                      f"datapath counter {name}" + (f": {_HELP[name]}" if name in _HELP else ""),
+                                      value=counters.get(name, 0))
+        yield CounterMetricFamily("ctstream_syn_cookie_mode_seconds",
+                                  "seconds with SYN cookies sent from XDP (on: all; auto: "
+                                  "the status intervals in which any were)",
+                                  value=s.syn_cookie_seconds)
         yield _gauge("ctstream_table_entries", "connections in the table, live and in the outbox",
                      counters["entries"])
         yield _gauge("ctstream_table_max_entries", "the table's limit", s.cfg.table_limit)

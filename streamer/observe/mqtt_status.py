@@ -43,7 +43,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 ALERTS = ("table_high", "early_drops", "ring_overflow", "kafka_down", "spool_high",
-          "spool_unwritable")
+          "spool_unwritable", "syn_cookies")
 DEFAULT_PORT = 1883
 QUEUE_MAX = 256           # messages waiting for the broker; the oldest go first
 CONNECT_TIMEOUT = 5.0     # TCP connect + CONNACK
@@ -132,7 +132,12 @@ class Alerts:
         put("table_high", high, f"{entries} of {limit} entries (high watermark "
                                 f"{snap['table_high']}, clears at {snap['table_low']})")
 
-        for name, counter in (("early_drops", "early_drops"), ("ring_overflow", "ring_full")):
+        # syn_cookies: auto mode answered SYNs with cookies (a flood, or a
+        # full table) in the last QUIET_S seconds.
+        for name, counter in (("early_drops", "early_drops"), ("ring_overflow", "ring_full"),
+                              ("syn_cookies", "syn_cookie_auto")):
+            if counter not in c:
+                continue
             total = c[counter]
             grew = self._prev is not None and total > self._prev[counter]
             if grew:

@@ -58,6 +58,7 @@ class FakeSession:
         self.reader_paused = False
         self.entries = entries
         self.dp = None
+        self.syn_cookie_seconds = 12.5
 
     def status(self):
         return {"kafka_connected": True, "in_flight": 5, "kafka_acked": 60,
@@ -65,6 +66,7 @@ class FakeSession:
 
     def counters(self):
         c = {name: i for i, name in enumerate(abi.STAT_NAMES)}
+        c.update({name: 100 + i for i, name in enumerate(abi.SYN_STAT_NAMES)})
         c.update(entries=self.entries, outbox=1)
         return c
 
@@ -112,6 +114,9 @@ async def test_scrape_reports_the_session(exporter, monkeypatch):
         ("ctstream_datapath_ring_full_total", ()): abi.STAT_NAMES.index("ring_full"),
         ("ctstream_datapath_untracked_bytes_total", ()): abi.STAT_NAMES.index("untracked_bytes"),
         ("ctstream_datapath_early_drops_total", ()): abi.STAT_NAMES.index("early_drops"),
+        ("ctstream_datapath_syn_cookies_sent_total", ()): 100,
+        ("ctstream_datapath_syn_cookie_acks_invalid_total", ()): 103,
+        ("ctstream_syn_cookie_mode_seconds_total", ()): 12.5,
         ("ctstream_table_entries", ()): 3,
         ("ctstream_table_max_entries", ()): 1000,
         ("ctstream_outbox_entries", ()): 1,

@@ -42,11 +42,12 @@ def test_node_that_is_no_topic_level(node):
 
 
 def snap(t: float, entries: int = 0, ring_full: int = 0, early_drops: int = 0,
-         kafka: bool | None = True, spool_bytes: int = 0, delivered: int = 0) -> dict:
+         kafka: bool | None = True, spool_bytes: int = 0, delivered: int = 0,
+         syn_cookie_auto: int = 0) -> dict:
     s = {"monotonic": t, "time": 1000.0 + t, "table_limit": 100, "table_high": 90,
          "table_low": 80, "events_delivered": delivered, "reader_paused": False,
          "counters": {"entries": entries, "outbox": 1, "ring_full": ring_full,
-                      "early_drops": early_drops}}
+                      "early_drops": early_drops, "syn_cookie_auto": syn_cookie_auto}}
     if kafka is not None:
         s.update(kafka_connected=kafka, kafka_error=None if kafka else "refused",
                  spool_bytes=spool_bytes, spool_max=1000, spool_records=spool_bytes // 10)
@@ -66,7 +67,8 @@ def test_table_high_has_hysteresis():
 
 
 @pytest.mark.parametrize("alert, counter", [("ring_overflow", "ring_full"),
-                                            ("early_drops", "early_drops")])
+                                            ("early_drops", "early_drops"),
+                                            ("syn_cookies", "syn_cookie_auto")])
 def test_growth_alerts_fire_on_growth_and_clear_when_quiet(alert, counter):
     a = Alerts(kafka_down_s=30, quiet_s=10)
     # The first snapshot is the baseline: drops from before this start are no news.

@@ -30,6 +30,8 @@ KINDS = [
      ["--xdp-mode", "native"], "native"),
     ("fractions", "early-drop", "early_drop", (0.9, 0.8), "early-drop = [0.95, 0.5]",
      (0.95, 0.5), ["--early-drop", "70%,60%"], (0.7, 0.6)),
+    ("fraction", "syn-cookie-high", "syn_cookie_high", 0.9, "syn-cookie-high = 0.5", 0.5,
+     ["--syn-cookie-high", "75%"], 0.75),
 ]
 
 
@@ -84,6 +86,10 @@ BAD_FILES = [
     ("kafka = \n", 1, "not valid TOML"),
     ('event-mask = ["new", "assured"]\n', 1, "event-mask: event mask: destroy cannot be left out"),
     ('event-mask = ["new", "destroy", "reports"]\n', 1, "unknown event 'reports'"),
+    ('syn-cookies = "always"\n', 1, "syn-cookies: must be one of off, on, auto"),
+    ('syn-cookie-high = 1.5\n', 1, "syn-cookie-high must be a fraction in [0, 1]"),
+    ('syn-cookie-high = "lots"\n', 1, "expected a fraction like 0.9 or 90%"),
+    ('syn-cookie-rate = -1\n', 1, "SYN cookie rate must be an integer"),
 ]
 
 
@@ -157,6 +163,21 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"ctstream: error: {f}:2: spool-max: --spool-max must be at "
                                f"least 1m, got 10240"]
+
+
+def test_syn_cookies_reach_the_map_config(tmp_path):
+    from streamer.datapath import abi
+
+    cfg = config(tmp_path, 'syn-cookies = "auto"\nsyn-cookie-rate = 500\n', "-i", "lo",
+                 "--syn-cookie-high", "0.8").datapath
+    c = abi.unpack_config(cfg.map_config_bytes())
+    assert c["flags"] & abi.CFG_SYNCOOKIE_AUTO and not c["flags"] & abi.CFG_SYNCOOKIE
+    assert (c["syn_rate"], c["syn_high_pct"], c["syn_wscale"]) == (500, 80, 7)
+    on = abi.unpack_config(config(tmp_path, None, "-i", "lo", "--syn-cookies", "on")
+                           .datapath.map_config_bytes())
+    assert on["flags"] & abi.CFG_SYNCOOKIE
+    off = abi.unpack_config(config(tmp_path, None, "-i", "lo").datapath.map_config_bytes())
+    assert not off["flags"] & (abi.CFG_SYNCOOKIE | abi.CFG_SYNCOOKIE_AUTO)
 
 
 def test_reload_needed_names_what_only_a_restart_changes():
