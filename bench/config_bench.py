@@ -147,7 +147,10 @@ def worker_main(a) -> int:
     if not Path(loader.BPF_DIR).resolve().is_relative_to(tree):
         raise SystemExit(f"BPF sources from {loader.BPF_DIR}, not from {tree}")
     variant, n = a.worker, PREFIXES[a.worker]
-    new = variant != "old"
+    # --old REV with live configuration already in it: the old tree runs
+    # the same code path as new-0 (no prefixes), so the two compare the
+    # packet path of two builds.
+    new = variant != "old" or (tree / "streamer" / "datapath" / "generation.py").exists()
     problems: list[str] = []
     res: dict = {"variant": variant, "prefixes": n, "tree": str(tree),
                  "streamer": streamer.__file__, "bpf_dir": str(loader.BPF_DIR),
@@ -788,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="packet-path rounds (5; quick 3)")
     ap.add_argument("--e2e-rounds", type=int,
                     help="end-to-end rounds, one CLI apply per size each (10; quick 3; 0 skips)")
+    ap.add_argument("--old", default=OLD_REV,
+                    help=f"the old code: a commit ({OLD_REV}, before live configuration, by "
+                         "default; a later one runs new-0's code path)")
     ap.add_argument("--new", default="HEAD",
                     help="the new code: a revision, checked out in a temporary worktree "
                          "(default HEAD), or 'worktree' for this checkout as it is")
@@ -845,8 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         b.cleanup_stale()
-        log(f"worktree of {OLD_REV} (old) ...")
-        old_tree, old_commit = b.add_worktree("old", OLD_REV)
+        log(f"worktree of {a.old} (old) ...")
+        old_tree, old_commit = b.add_worktree("old", a.old)
         res["trees"]["old"] = {"path": old_tree, "commit": old_commit, "note": ""}
         if a.new == "worktree":
             dirty = _git("status", "--short", check=False).stdout.splitlines()
