@@ -366,7 +366,8 @@ class Session:
     def status(self) -> dict:
         g = self.dp.global_state()
         return {"pid": os.getpid(), "pin_dir": self.cfg.pin_dir, "time": time.time(),
-                "generation": self.dp.generation,
+                "generation": self.dp.generation, "syn_cookie_mode": self.cfg.syn_cookies,
+                "syn_cookie_seconds": round(self.syn_cookie_seconds, 1),
                 "events_delivered": self.delivered, "reader_paused": self.reader_paused,
                 "sink": self.sink.name, "entries": g["entries"], "outbox": g["dying"],
                 "last_commit_age_s": (time.monotonic() - self._last_commit

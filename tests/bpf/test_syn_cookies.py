@@ -11,7 +11,7 @@ builds from a SYN-ACK is checked by the kernel's own helper.
 from __future__ import annotations
 
 import socket
-import struct
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -32,6 +32,12 @@ OPTS_TS_NOWS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0))]
 OPTS_PLAIN = [("MSS", 1460), ("NOP", None), ("NOP", None), ("SAckOK", b""), ("NOP", None),
               ("WScale", 7)]
 OPTS_TS[1] = ("SAckOK", b"")
+# The kernel's cookie is valid for two of its minute counters: one made at
+# least this long before its check is stale, whatever the minute it was made in.
+STALE_AFTER_S = 125
+# A cookie's ACK made by this module for tests/netns/test_syn_cookies.py,
+# which runs minutes later in the suite and checks that it is refused then.
+STALE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +266,41 @@ def test_auto_answers_a_port_only_above_its_rate(cookies, listeners):
     assert len(cookies.table(4)) == 5
     s = syn_stats(cookies)
     assert s["syn_cookie_auto"] == 6 and s["syn_cookie_kernel_syns"] == 1
+
+
+def test_ecn_is_offered_back_through_the_timestamp(cookies, listeners):
+    f = client(4, listeners[4])
+    warm(cookies, f)
+    v, out = run(cookies, syn(f, flags="SEC"))      # ECE and CWR: the client asks for ECN
+    assert v == XDP_TX
+    _, tcp, _ = synack_of(out, 4)
+    assert tcp.flags == "SAE"
+    assert dict(tcp.options)["Timestamp"][0] & 0x20
+    v, out = run(cookies, syn(client(4, listeners[4], sport=40002), OPTS_PLAIN, flags="SEC"))
+    _, tcp, _ = synack_of(out, 4)
+    assert tcp.flags == "SA"                          # no timestamp to carry it: no ECN
+
+
+def test_auto_answers_every_port_above_the_table_watermark(cookies, listeners):
+    cookies.configure(syn_cookies="auto", syn_cookie_rate=0, syn_cookie_high=0.01)
+    f = client(4, listeners[4], sport=42000)
+    assert run(cookies, syn(f))[0] == XDP_PASS        # 0 of 4096 entries: tracked
+    assert cookies.entry(f).state_name == "SYN_SENT"
+    for i in range(41):                                # 42 entries: above 1 % of 4096
+        run(cookies, Flow("127.0.0.2", "127.0.0.1", "udp", 20000 + i, 53).orig())
+    g = client(4, listeners[4], sport=42001)
+    warm(cookies, g)
+    assert run(cookies, syn(g))[0] == XDP_TX
+    assert cookies.entry(g) is None
+
+
+def test_a_cookie_made_now_for_the_stale_check(cookies, listeners):
+    """Valid now; tests/netns/test_syn_cookies.py sends it again at least
+    STALE_AFTER_S later and wants it dropped."""
+    f = client(4, listeners[4], sport=40600)
+    warm(cookies, f)
+    _, out = run(cookies, syn(f))
+    _, tcp, _ = synack_of(out, 4)
+    ack = ack_for(f, tcp)
+    assert run(cookies, ack)[0] == XDP_PASS
+    STALE.update(ack=ack, port=listeners[4], made=time.monotonic())

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import json
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass, field
 
@@ -396,3 +397,41 @@ def test_syn_cookies_go_on_and_off_live(pair, pin, start_events, tmp_path):
         else:
             assert syns == 0 and acks == 0, (want, syns, acks)
             assert states == {"SYN_SENT"}, states
+
+
+# ---- a stale cookie -------------------------------------------------------------
+
+def test_a_cookie_older_than_two_minutes_is_dropped():
+    """The ACK of a cookie tests/bpf/test_syn_cookies.py made minutes ago in
+    this run (or one made here, then waited for when this file runs alone):
+    the kernel's check refuses a cookie two of its minute counters old."""
+    import time
+
+    from tests.bpf import test_syn_cookies as frames
+    from tests.bpf.packets import XDP_DROP, loaded_bench
+
+    def listener(port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(4)
+        return s
+
+    with loaded_bench(table_limit=1024, syn_cookies="on") as bench:
+        if not frames.STALE:
+            with listener(0) as ls:
+                f = frames.client(4, ls.getsockname()[1], sport=40700)
+                frames.run(bench, frames.syn(f, seq=1))        # the kernel's one
+                _, out = frames.run(bench, frames.syn(f))
+                _, tcp, _ = frames.synack_of(out, 4)
+                frames.STALE.update(ack=frames.ack_for(f, tcp), port=ls.getsockname()[1],
+                                    made=time.monotonic())
+        st = frames.STALE
+        wait = st["made"] + frames.STALE_AFTER_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        with listener(st["port"]):
+            v, _ = frames.run(bench, st["ack"])
+        assert v == XDP_DROP
+        assert frames.syn_stats(bench)["syn_cookie_acks_invalid"] == 1
+        assert bench.table(4) == {}
