@@ -697,7 +697,10 @@ def table(res: dict) -> str:
     L.append(f"ctstream live configuration benchmark: kernel {m['kernel']}, {m['cpus']} CPUs "
              f"({m['cpu_model']}), workers pinned to CPU {m['pinned_cpu']}, load average "
              f"{m['loadavg_start']} at the start, {m['loadavg_end']} at the end")
-    L.append(f"old = {res['trees']['old']['commit'][:7]} (before live configuration), "
+    old = res["trees"]["old"]["commit"][:7]
+    what = "before live configuration" if OLD_REV.startswith(old) or old.startswith(OLD_REV) \
+        else "with live configuration: new-0's code path"
+    L.append(f"old = {old} ({what}), "
              f"new = {res['trees']['new']['commit'][:7]}{res['trees']['new']['note']}; "
              f"{res['rounds_done']} rounds, variants rotated each round, one worker process "
              "per (variant, round)")

@@ -30,10 +30,7 @@ struct ct_pkt {
 	u8  family;     /* 4 or 6 */
 	u8  tcp_flags;
 	u8  no_create;  /* may only match an entry: ICMP echo reply */
-	u8  l3_off;     /* the IP header's offset in the frame (after VLAN tags) */
-	u8  l4_off;     /* the L4 header's offset from the IP header; 0: behind
-			 * IPv6 extension headers (the SYN-cookie path leaves those) */
-	u8  _pad0[3];
+	u8  _pad0;
 };
 
 struct ct_vlan_hdr {
@@ -114,7 +111,6 @@ static __always_inline int ct_parse_ipv4(void *nh, void *data_end, u32 avail, st
 	p->k4.saddr = iph->saddr;
 	p->k4.daddr = iph->daddr;
 	p->k4.proto = iph->protocol;
-	p->l4_off = hlen;
 	u16 frag = bpf_ntohs(iph->frag_off);
 	if (frag & 0x1fff)
 		return CT_PARSE_FRAGMENT;
@@ -170,8 +166,6 @@ static __always_inline int ct_parse_ipv6(void *nh, void *data_end, u32 avail, st
 	    nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH)
 		return CT_PARSE_OTHER; /* more extension headers than we walk */
 	p->k6.proto = nexthdr;
-	if (cur == (void *)(ip6 + 1))
-		p->l4_off = sizeof(*ip6);
 	return ct_parse_l4(cur, data_end, nexthdr, (u32)(nh + tot - cur), frag,
 			   p, &p->k6.sport, &p->k6.dport);
 }
@@ -202,7 +196,6 @@ static __always_inline int ct_parse(void *data, void *data_end, u32 frame_len, s
 	if (l2 > frame_len)
 		return CT_PARSE_INVALID;
 	u32 avail = frame_len - l2;
-	p->l3_off = l2;
 	int rc;
 	if (proto == CT_ETH_P_IP) {
 		rc = ct_parse_ipv4(nh, data_end, avail, p);

@@ -176,19 +176,52 @@ static __always_inline u32 ct_sc_syn_len(u32 iplen, int ts, int sack, int ws)
 	return iplen + sizeof(struct tcphdr) + opts;
 }
 
-/* Rewrite the SYN at data into our SYN-ACK and size the frame to it.
- * Returns CT_VERDICT_TX, or CT_SC_GO_ON if the frame could not be made. */
-static __always_inline int ct_sc_synack(struct xdp_md *ctx, u32 fam, struct ct_pkt *p,
-					struct ct_config *cfg, u64 now)
+/* Where the IP header starts (after up to two VLAN tags), if the TCP
+ * header follows it directly: IPv4 without options, IPv6 without extension
+ * headers (the rest takes the usual path). Parsed again here, on the cold
+ * path, so that ct_parse keeps nothing more for the hot one. */
+static __always_inline int ct_sc_l3(struct xdp_md *ctx, u32 fam, u32 *l3)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	u32 l3 = p->l3_off;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	u16 proto = bpf_ntohs(eth->h_proto);
+	u32 off = sizeof(*eth);
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		if (proto != CT_ETH_P_8021Q && proto != CT_ETH_P_8021AD)
+			break;
+		struct ct_vlan_hdr *vh = data + off;
+		if ((void *)(vh + 1) > data_end)
+			return -1;
+		proto = bpf_ntohs(vh->proto);
+		off += sizeof(*vh);
+	}
+	if (fam == 4) {
+		struct iphdr *iph = data + off;
+		if ((void *)(iph + 1) > data_end || iph->ihl != 5)
+			return -1;
+	} else {
+		struct ipv6hdr *ip6 = data + off;
+		if ((void *)(ip6 + 1) > data_end || ip6->nexthdr != IPPROTO_TCP)
+			return -1;
+	}
+	*l3 = off;
+	return 0;
+}
+
+/* Rewrite the SYN at data into our SYN-ACK and size the frame to it.
+ * Returns CT_VERDICT_TX, or CT_SC_GO_ON if the frame could not be made. */
+static __always_inline int ct_sc_synack(struct xdp_md *ctx, u32 fam, struct ct_pkt *p,
+					struct ct_config *cfg, u64 now, u32 l3)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
 	if (l3 > 22)
 		return CT_SC_GO_ON;
 	u32 iplen = fam == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-	if (p->l4_off != iplen)
-		return CT_SC_GO_ON;    /* IPv4 options: let the usual path have it */
 	void *ip = data + l3;
 	struct tcphdr *th = ip + iplen;
 	if ((void *)(th + 1) > data_end)
@@ -354,7 +387,8 @@ static __always_inline int ct_syncookie(struct xdp_md *ctx, u32 fam, struct ct_p
 	int syn = tf == CT_TCP_SYN;
 	if (!syn && tf != CT_TCP_ACK)
 		return CT_SC_GO_ON;
-	if (!p->l4_off)
+	u32 l3;
+	if (ct_sc_l3(ctx, fam, &l3))
 		return CT_SC_GO_ON;
 	__be16 dport = fam == 4 ? p->k4.dport : p->k6.dport;
 	int hot = 1;
@@ -413,7 +447,7 @@ static __always_inline int ct_syncookie(struct xdp_md *ctx, u32 fam, struct ct_p
 			ct_syn_stat_inc(CT_SYN_TO_KERNEL);
 			return ct_untracked(p, cfg, 0);
 		}
-		int v = ct_sc_synack(ctx, fam, p, cfg, now);
+		int v = ct_sc_synack(ctx, fam, p, cfg, now, l3);
 		if (v == CT_VERDICT_TX && !(cfg->flags & CT_CFG_SYNCOOKIE))
 			ct_syn_stat_inc(CT_SYN_AUTO);
 		return v;
@@ -421,8 +455,7 @@ static __always_inline int ct_syncookie(struct xdp_md *ctx, u32 fam, struct ct_p
 
 	/* A bare ACK of no entry to a listener: the third packet of a cookie
 	 * handshake, or nothing the kernel would take. */
-	u32 l3 = p->l3_off;
-	if (l3 > 22 || p->l4_off != iplen)
+	if (l3 > 22)
 		return CT_SC_GO_ON;
 	void *ip = data + l3;
 	struct tcphdr *th = ip + iplen;
