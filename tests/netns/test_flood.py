@@ -33,7 +33,7 @@ from streamer.demo import testbed
 from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.daemon import Session, Target
 from streamer.datapath.events import Event
-from tests.netns.test_tracking import key, private_pin_dir, remove_pin_dir
+from tests.netns.test_tracking import key, recorded_run
 
 pytestmark = pytest.mark.root
 
@@ -106,14 +106,7 @@ async def _flood_run(pin_dir: str) -> FloodRun:
 
 @pytest.fixture(scope="module")
 def run():
-    pin_dir = private_pin_dir()
-    try:
-        r = asyncio.run(_flood_run(pin_dir))
-    finally:
-        remove_pin_dir(pin_dir)
-    for ev in r.events:
-        r.by_ct_id.setdefault(ev.ct_id, []).append(ev)
-    return r
+    return recorded_run(_flood_run)
 
 
 def test_it_was_a_flood(run):

@@ -48,7 +48,8 @@ from streamer.datapath.config import DatapathConfig, Timeouts
 from streamer.datapath.events import Event
 from streamer.demo import testbed
 from tests.netns.test_cli import ctstream, detach_and_remove, start_events  # noqa: F401
-from tests.netns.test_tracking import key, private_pin_dir, remove_pin_dir
+from tests.netns.test_live_config import SERVER, stats   # SERVER: an echo server, IPv4 and IPv6
+from tests.netns.test_tracking import key, recorded_run
 from tests.wire_records import read_json_lines
 
 pytestmark = pytest.mark.root
@@ -63,30 +64,6 @@ TIMEOUTS = Timeouts(syn=8, established=30, fin=2, udp=5, icmp=5, other=5)
 VARIANTS = [(1, 1), (1, 0), (0, 1), (0, 0)]
 PER_BATCH = 16               # connections per variant, family and phase: 256 in all
 PAYLOAD = 16384
-
-SERVER = r"""
-import socket, sys, threading
-port = int(sys.argv[1])
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", port)); s.listen(1024)
-print("ready", flush=True)
-def serve(c):
-    with c:
-        c.settimeout(20)
-        try:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                c.sendall(b)
-        except OSError:
-            pass
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 
 # count connections to host:port, one at a time: PAYLOAD random bytes up,
 # half-close, the echo back, compared. One JSON line: source ports and errors.
@@ -248,14 +225,7 @@ async def _cookie_run(pin_dir: str) -> CookieRun:
 
 @pytest.fixture(scope="module")
 def run():
-    pin_dir = private_pin_dir()
-    try:
-        r = asyncio.run(_cookie_run(pin_dir))
-    finally:
-        remove_pin_dir(pin_dir)
-    for ev in r.events:
-        r.by_ct_id.setdefault(ev.ct_id, []).append(ev)
-    return r
+    return recorded_run(_cookie_run)
 
 
 def test_it_was_a_flood_answered_with_cookies(run):
@@ -345,12 +315,6 @@ def pin(pin_dir, pair):
     detach_and_remove(pin_dir)
 
 
-def _stats(pin: str) -> dict:
-    cp = ctstream("stats", "-o", "json", "--pin-dir", pin)
-    assert cp.returncode == 0, cp.stderr
-    return json.loads(cp.stdout)
-
-
 def _apply(path, pin: str) -> str:
     cp = ctstream("config", "apply", str(path), "--pin-dir", pin)
     assert cp.returncode == 0, cp.stderr
@@ -372,9 +336,9 @@ def test_syn_cookies_go_on_and_off_live(pair, pin, start_events, tmp_path):
         if phases:
             assert "syn_cookies" in _apply(path, pin)
         assert pair.server.run(sysctls).stdout.split() == (own if want == "off" else ["2", "2"])
-        before = _stats(pin)
+        before = stats(pin)
         ports = pair.tcp_many(12, 4, LIVE_PORT, 3)   # its own echo server, one per call
-        after = _stats(pin)
+        after = stats(pin)
         phases.append((want, set(ports),
                        after["syn_cookies_sent"] + after["syn_cookie_kernel_syns"]
                        - before["syn_cookies_sent"] - before["syn_cookie_kernel_syns"],

@@ -86,6 +86,20 @@ def remove_pin_dir(path: str) -> None:
         os.unlink(lock_file(path))
 
 
+def recorded_run(make):
+    """asyncio.run(make(pin_dir)) in a private pin dir (removed after), its
+    result's events indexed by ct_id in its by_ct_id: a module's run of
+    traffic, recorded once, that its tests then check."""
+    pin_dir = private_pin_dir()
+    try:
+        r = asyncio.run(make(pin_dir))
+    finally:
+        remove_pin_dir(pin_dir)
+    for ev in r.events:
+        r.by_ct_id.setdefault(ev.ct_id, []).append(ev)
+    return r
+
+
 @dataclass
 class Run:
     events: list[Event]
