@@ -4,7 +4,7 @@
 VENV := .venv
 PY   := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-scale bench-pipeline bench-peer bench-config clean
+.PHONY: setup demo test bench bench-scale bench-pipeline bench-peer bench-config bench-syncookies clean
 
 setup:
 	bash scripts/setup.sh
@@ -42,6 +42,13 @@ bench-peer: setup
 # bench/README.md "Live configuration".
 bench-config: setup
 	$(PY) bench/config_bench.py $(BENCH_ARGS)
+
+# One spoofed SYN flood (hping3 --flood --rand-source), three defences side
+# by side: ctstream without and with SYN cookies, the kernel's own cookies
+# with nf_conntrack (about 8 min; BENCH_ARGS=--quick about 2.5):
+# bench/README.md "SYN cookies".
+bench-syncookies: setup
+	$(PY) bench/syncookie_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -81,9 +81,17 @@ def private_pin_dir() -> str:
 
 
 def remove_pin_dir(path: str) -> None:
+    """The pin dir and what a daemon of it left in STATE_DIR (a failed run
+    keeps its state: its attachments, and the sysctls SYN cookies changed,
+    which are put back first)."""
+    from streamer.datapath import syncookies
+
+    syncookies.restore(path)
     shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(lock_file(path))
+    stem = lock_file(path)[: -len(".lock")]
+    for suffix in (".lock", ".json", ".status.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stem + suffix)
 
 
 def recorded_run(make):
