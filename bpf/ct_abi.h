@@ -114,6 +114,8 @@
 #define CT_SYN_NO_LISTENER 4 /* SYNs to no listener while cookies were on: passed, untracked */
 #define CT_SYN_AUTO        5 /* SYNs that auto mode answered with a cookie */
 #define CT_SYN_ERRORS      6 /* a SYN-ACK could not be built (frame too short ...) */
+#define CT_SYN_HS_ESTIMATED 7 /* valid ACKs whose SYN had left the handshake map:
+                              * start time and SYN counters estimated */
 #define CT_SYN__MAX        8
 
 /* Flags in the top bits of ct_entry.last_ns (CLOCK_MONOTONIC nanoseconds

@@ -216,9 +216,11 @@ static __always_inline void ct_unreserve(struct ct_global *g, u32 fam)
 /* What a SYN-cookie handshake adds to the entry its valid ACK creates: the
  * SYN and our SYN-ACK, which no entry saw (bpf/syn_cookie.h). */
 struct ct_handshake {
-	u64 first_ns;      /* the SYN's time, as near as the cookie tells it */
-	u32 syn_bytes;
+	u64 first_ns;      /* the first SYN's time */
+	u32 syn_bytes;     /* the SYN(s) and the SYN-ACK(s) answered from XDP */
 	u32 synack_bytes;
+	u16 syns;
+	u16 synacks;
 };
 
 static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
@@ -259,9 +261,9 @@ static __always_inline int ct_create(u32 fam, void *key, struct ct_pkt *p,
 	u32 status = CT_ST_MAKE(state, flags, p->tcp_flags, 0);
 	if (hs) {
 		ne.first_ns = hs->first_ns;
-		ne.pkts[CT_DIR_ORIG] = 2;
+		ne.pkts[CT_DIR_ORIG] += hs->syns;
 		ne.bytes[CT_DIR_ORIG] += hs->syn_bytes;
-		ne.pkts[CT_DIR_REPLY] = 1;
+		ne.pkts[CT_DIR_REPLY] = hs->synacks;
 		ne.bytes[CT_DIR_REPLY] = hs->synack_bytes;
 		status = CT_ST_MAKE(state, flags, p->tcp_flags | CT_TCP_SYN, CT_TCP_SYN | CT_TCP_ACK);
 	}

@@ -57,6 +57,78 @@ struct ct_sc_rate {
 BPF_HASH(ct_sc_listeners, struct ct_sc_listener, u64, 1024);
 BPF_ARRAY(ct_sc_rate, struct ct_sc_rate, 65536);
 
+/* The handshake map: what the cookie cannot carry about a SYN answered from
+ * XDP (its time, its length, retransmissions), keyed by the connection's
+ * key and read back by the valid ACK, which deletes it. LRU, and apart from
+ * the table: a flood churns it (at 130k SYNs/s a record lives about 0.5 s),
+ * a real handshake completes long before that; for the few that do not, the
+ * ACK falls back to what the cookie tells (CT_SYN_HS_ESTIMATED). A record is
+ * the same handshake only for the same client ISN: a SYN with another one
+ * starts a new record, an ACK with another one finds none. */
+struct ct_sc_hs {
+	u64 first_ns;
+	u64 last_ns;
+	u32 syn_bytes;
+	u32 synack_bytes;
+	u32 isn;           /* the client's SYN sequence number */
+	u16 syns;
+	u16 synacks;
+};
+
+#define CT_SC_HS_MAX     65536
+#define CT_SC_HS_KEEP_NS (130ULL * 1000000000ULL)   /* a client's SYN retries, 6 by default: 127 s */
+
+BPF_TABLE("lru_hash", struct ct_key4, struct ct_sc_hs, ct_sc_hs4, CT_SC_HS_MAX);
+BPF_TABLE("lru_hash", struct ct_key6, struct ct_sc_hs, ct_sc_hs6, CT_SC_HS_MAX);
+
+static __always_inline struct ct_sc_hs *ct_sc_hs_lookup(u32 fam, struct ct_pkt *p)
+{
+	return fam == 4 ? ct_sc_hs4.lookup(&p->k4) : ct_sc_hs6.lookup(&p->k6);
+}
+
+/* A SYN answered from XDP (synack_bytes, the SYN-ACK's length) or passed
+ * for the kernel to answer (0: its SYN-ACK is not seen here): a new record,
+ * or one more SYN of a handshake whose SYN was retransmitted. */
+static __always_inline void ct_sc_hs_note(u32 fam, struct ct_pkt *p, u64 now, u32 isn,
+					  u32 synack_bytes)
+{
+	u16 sa = synack_bytes ? 1 : 0;
+	struct ct_sc_hs *h = ct_sc_hs_lookup(fam, p);
+	if (h && h->isn == isn && now - h->last_ns < CT_SC_HS_KEEP_NS) {
+		h->last_ns = now;
+		h->syns += 1;
+		h->synacks += sa;
+		h->syn_bytes += p->l3_len;
+		h->synack_bytes += synack_bytes;
+		return;
+	}
+	struct ct_sc_hs n = {.first_ns = now, .last_ns = now, .syn_bytes = p->l3_len,
+			     .synack_bytes = synack_bytes, .isn = isn, .syns = 1, .synacks = sa};
+	if (fam == 4)
+		ct_sc_hs4.update(&p->k4, &n);
+	else
+		ct_sc_hs6.update(&p->k6, &n);
+}
+
+/* The valid ACK: its handshake, exactly, if the record is still there. */
+static __always_inline int ct_sc_hs_take(u32 fam, struct ct_pkt *p, u32 ack_isn, u64 now,
+					 struct ct_handshake *hs)
+{
+	struct ct_sc_hs *h = ct_sc_hs_lookup(fam, p);
+	if (!h || h->isn != ack_isn || now - h->last_ns >= CT_SC_HS_KEEP_NS)
+		return 0;
+	hs->first_ns = h->first_ns;
+	hs->syn_bytes = h->syn_bytes;
+	hs->synack_bytes = h->synack_bytes;
+	hs->syns = h->syns;
+	hs->synacks = h->synacks;
+	if (fam == 4)
+		ct_sc_hs4.delete(&p->k4);
+	else
+		ct_sc_hs6.delete(&p->k6);
+	return 1;
+}
+
 /* What the client's SYN offered, from its options. */
 struct ct_sc_opts {
 	u32 tsval;      /* network order */
@@ -349,6 +421,7 @@ static __always_inline int ct_sc_synack(struct xdp_md *ctx, u32 fam, struct ct_p
 		return CT_VERDICT_DROP;
 	sum += (u64)(u32)c + bpf_htons(IPPROTO_TCP) + bpf_htons((u16)tcplen);
 	th->check = ct_csum_fold(sum);
+	ct_sc_hs_note(fam, p, now, seq, iplen + tcplen);
 	ct_syn_stat_inc(CT_SYN_SENT);
 	return CT_VERDICT_TX;
 }
@@ -445,6 +518,9 @@ static __always_inline int ct_syncookie(struct xdp_md *ctx, u32 fam, struct ct_p
 		if (!last || now - *last > CT_SC_REFRESH_NS) {
 			ct_sc_listeners.update(&lk, &now);
 			ct_syn_stat_inc(CT_SYN_TO_KERNEL);
+			struct tcphdr *sth = data + (l3 & 0x3f) + iplen;
+			if ((void *)(sth + 1) <= data_end)
+				ct_sc_hs_note(fam, p, now, bpf_ntohl(sth->seq), 0);
 			return ct_untracked(p, cfg, 0);
 		}
 		int v = ct_sc_synack(ctx, fam, p, cfg, now, l3);
@@ -478,27 +554,37 @@ static __always_inline int ct_syncookie(struct xdp_md *ctx, u32 fam, struct ct_p
 		return CT_VERDICT_DROP;
 	}
 	ct_syn_stat_inc(CT_SYN_ACK_VALID);
-	/* The handshake the table did not see: the client's TSecr echoes our
-	 * TSval (the SYN's ms, low 6 bits the options); without timestamps
-	 * the SYN's time is unknown and the ACK's stands for it. */
-	struct ct_sc_opts o = {};
-	ct_sc_parse_opts(ctx, l3 + iplen, th->doff, &o);
-	struct ct_handshake hs = {.first_ns = now};
-	int ws = 0, sack = 0;
-	if (o.ts) {
-		u32 tsecr = bpf_ntohl(o.tsecr);
-		u32 bits = tsecr & CT_TS_BITS;
-		ws = (bits & 0xf) != CT_TS_WS_NONE;
-		sack = !!(bits & CT_TS_SACK);
-		u32 ms = (u32)(now / 1000000);
-		u32 ago = ms - (tsecr & ~(u32)CT_TS_BITS);
-		if (tsecr && ago < 120000)
-			hs.first_ns = now - (u64)ago * 1000000;
+	/* The handshake the table did not see: from the handshake map, or
+	 * else what the cookie tells. The client's TSecr echoes our TSval
+	 * (the SYN's ms, low 6 bits the options); without timestamps the
+	 * SYN's time is unknown and the ACK's stands for it. */
+	struct ct_handshake hs = {.first_ns = now, .syns = 1, .synacks = 1};
+	int have = ct_sc_hs_take(fam, p, bpf_ntohl(th->seq) - 1, now, &hs);
+	if (!have)
+		ct_syn_stat_inc(CT_SYN_HS_ESTIMATED);
+	if (!have || !hs.synacks) {
+		/* The kernel's SYN-ACK (or ours, unrecorded) has the options
+		 * the cookie's timestamp bits tell, laid out as ours. */
+		struct ct_sc_opts o = {};
+		ct_sc_parse_opts(ctx, l3 + iplen, th->doff, &o);
+		int ws = 0, sack = 0;
+		if (o.ts) {
+			u32 tsecr = bpf_ntohl(o.tsecr);
+			u32 bits = tsecr & CT_TS_BITS;
+			ws = (bits & 0xf) != CT_TS_WS_NONE;
+			sack = !!(bits & CT_TS_SACK);
+			u32 ms = (u32)(now / 1000000);
+			u32 ago = ms - tsecr;   /* our TSval: the SYN's ms less at most 63 */
+			if (!have && tsecr && ago < 120000)
+				hs.first_ns = now - (u64)ago * 1000000;
+		}
+		struct ct_sc_opts back = {.ts = o.ts, .sack = sack,
+					  .wscale = ws ? 0 : CT_TS_WS_NONE};
+		if (!have)
+			hs.syn_bytes = ct_sc_syn_len(iplen, o.ts, o.ts ? sack : 1, o.ts ? ws : 1);
+		hs.synack_bytes = iplen + sizeof(struct tcphdr) + ct_sc_optlen(&back);
+		hs.synacks = 1;
 	}
-	struct ct_sc_opts back = {.ts = o.ts, .sack = sack,
-				  .wscale = ws ? 0 : CT_TS_WS_NONE};
-	hs.syn_bytes = ct_sc_syn_len(iplen, o.ts, o.ts ? sack : 1, o.ts ? ws : 1);
-	hs.synack_bytes = iplen + sizeof(struct tcphdr) + ct_sc_optlen(&back);
 	int c = ct_create(fam, (union ct_key *)p, p, cfg, now, ended, 0, &hs);
 	if (c == CT_CREATE_OK)
 		return CT_VERDICT_PASS;

@@ -78,6 +78,7 @@ STAT_MAX = 24
 SYN_STAT_NAMES = (
     "syn_cookies_sent", "syn_cookie_kernel_syns", "syn_cookie_acks_valid",
     "syn_cookie_acks_invalid", "syn_cookie_no_listener", "syn_cookie_auto", "syn_cookie_errors",
+    "syn_cookie_handshakes_estimated",
 )
 SYN_STAT_MAX = 8
 

@@ -50,6 +50,8 @@ _HELP = {
     "syn_cookie_no_listener": "SYNs to no local listener while cookies were on, passed untracked",
     "syn_cookie_auto": "SYNs auto mode answered with a cookie",
     "syn_cookie_errors": "SYN-ACKs that could not be built",
+    "syn_cookie_handshakes_estimated": "valid cookie ACKs whose SYN had left the handshake map "
+                                       "(start time and SYN counters estimated)",
     "ring_full": "events the full ring refused (kept in the entry's missed mask)",
     "table_full": "new connections refused by the full table",
     "untracked_packets": "packets of connections the full table could not track",

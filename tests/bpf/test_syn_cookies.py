@@ -80,6 +80,15 @@ def _reset_cookie_state(bench) -> None:
     fd = bench.dp.fd("ct_sc_listeners")
     for k in set(bpfsys.map_keys(fd, 20)):
         bpfsys.map_delete(fd, k)
+    forget_handshakes(bench)
+
+
+def forget_handshakes(bench) -> None:
+    """Empty the handshake map, as a flood that churned it would."""
+    for name, key_size in (("ct_sc_hs4", 16), ("ct_sc_hs6", 40)):
+        fd = bench.dp.fd(name)
+        for k in set(bpfsys.map_keys(fd, key_size)):
+            bpfsys.map_delete(fd, k)
 
 
 def syn_stats(bench) -> dict[str, int]:
@@ -169,29 +178,98 @@ def test_syn_is_answered_with_a_cookie_syn_ack_and_creates_nothing(cookies, list
     assert syn_stats(cookies)["syn_cookies_sent"] == 1
 
 
-@pytest.mark.parametrize("family", [4, 6])
-def test_valid_ack_creates_the_entry_with_the_handshake_in_it(cookies, listeners, family):
-    f = client(family, listeners[family])
-    warm(cookies, f)
-    synp = syn(f)
-    _, out = run(cookies, synp)
-    _, tcp, _ = synack_of(out, family)
+def handshake(bench, f: Flow, opts=OPTS_TS, syns: int = 1, forget: bool = False,
+              warmed: bool = False):
+    """SYN (sent `syns` times, as a client retransmits it), SYN-ACK, ACK:
+    (the entry, the SYN, the last SYN-ACK frame, the ACK, ns before the first
+    SYN, ns after it)."""
+    if not warmed:
+        warm(bench, f)
+    synp = syn(f, opts)
+    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    _, out = run(bench, synp)
+    t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    for _ in range(syns - 1):
+        time.sleep(0.01)
+        v, out = run(bench, synp)
+        assert v == XDP_TX
+    if forget:
+        forget_handshakes(bench)
+    _, tcp, _ = synack_of(out, family_of(f))
     ack = ack_for(f, tcp)
-    v, _ = run(cookies, ack)
+    time.sleep(0.02)
+    v, _ = run(bench, ack)
     assert v == XDP_PASS
-    e = cookies.entry(f)
+    e = bench.entry(f)
     assert e is not None
     assert e.state_name == "ESTABLISHED"
     assert e.flags & abi.F_ASSURED and not e.flags & abi.F_PICKUP
+    return e, synp, out, ack, t0, t1
+
+
+def family_of(f: Flow) -> int:
+    return 6 if ":" in f.src else 4
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("opts", [OPTS_TS, OPTS_TS_NOWS, OPTS_PLAIN,
+                                  [("MSS", 1460), ("SAckOK", b"")], [("MSS", 1460)]],
+                         ids=["ts-ws-sack", "ts-sack", "ws-sack", "sack", "mss"])
+def test_valid_ack_creates_the_entry_with_the_handshake_in_it(cookies, listeners, family, opts):
+    e, synp, out, ack, t0, t1 = handshake(cookies, client(family, listeners[family]), opts)
+    # The handshake map gave the SYN's own time and length, whatever options
+    # the client offered; the SYN-ACK as sent.
+    assert t0 <= e.first_ns <= t1
     assert (e.pkts[0], e.pkts[1]) == (2, 1)
-    # The SYN as it was (a Linux client's options), the SYN-ACK as sent.
     assert e.bytes[0] == synp.l3_len + ack.l3_len
     assert e.bytes[1] == len(out) - 14
     evs = cookies.events()
     assert [ev.type for ev in evs] == [abi.EV_CREATE]
-    assert syn_stats(cookies)["syn_cookie_acks_valid"] == 1
-    # the SYN's time from the echoed timestamp: at most 64 ms before it
-    assert e.first_ns <= e.last_ns
+    s = syn_stats(cookies)
+    assert (s["syn_cookie_acks_valid"], s["syn_cookie_handshakes_estimated"]) == (1, 0)
+    # the record was the ACK's: taken
+    assert list(bpfsys.map_keys(cookies.dp.fd(f"ct_sc_hs{family}"), 16 if family == 4 else 40)) == []
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_retransmitted_syn_is_counted_from_the_first(cookies, listeners, family):
+    e, synp, out, ack, t0, t1 = handshake(cookies, client(family, listeners[family]), syns=3)
+    assert t0 <= e.first_ns <= t1
+    assert (e.pkts[0], e.pkts[1]) == (4, 3)
+    assert e.bytes[0] == 3 * synp.l3_len + ack.l3_len
+    assert e.bytes[1] == 3 * (len(out) - 14)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_new_isn_on_the_same_tuple_starts_a_new_handshake(cookies, listeners, family):
+    f = client(family, listeners[family])
+    warm(cookies, f)
+    assert run(cookies, syn(f, seq=5000))[0] == XDP_TX      # an abandoned attempt
+    e, synp, out, ack, t0, t1 = handshake(cookies, f, warmed=True)   # ISN 1000
+    assert t0 <= e.first_ns <= t1
+    assert (e.pkts[0], e.pkts[1]) == (2, 1)
+    assert e.bytes[0] == synp.l3_len + ack.l3_len
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("opts", [OPTS_TS, OPTS_PLAIN], ids=["ts", "no-ts"])
+def test_without_the_handshake_record_the_cookie_tells_what_it_can(cookies, listeners, family,
+                                                                   opts):
+    """A handshake whose record a flood evicted: a Linux client's SYN length
+    from the options the cookie carries, the time from the echoed timestamp
+    (within 65 ms) or, without timestamps, the ACK's; counted."""
+    e, synp, out, ack, t0, t1 = handshake(cookies, client(family, listeners[family]), opts,
+                                          forget=True)
+    assert (e.pkts[0], e.pkts[1]) == (2, 1)
+    assert e.bytes[0] == synp.l3_len + ack.l3_len
+    assert e.bytes[1] == len(out) - 14
+    if opts is OPTS_TS:
+        # TSval is whole ms with its low 6 bits the options; the ACK's
+        # sub-millisecond part stands for the SYN's
+        assert t0 - 65_000_000 <= e.first_ns <= t1 + 1_000_000
+    else:
+        assert e.first_ns > t1 and e.first_ns == e.last_ns
+    assert syn_stats(cookies)["syn_cookie_handshakes_estimated"] == 1
 
 
 @pytest.mark.parametrize("family", [4, 6])
